@@ -1,0 +1,329 @@
+"""The particle engine: the one place that runs a guide and a model for K particles.
+
+Every objective in :mod:`pyro_elbo.objectives` is built on :func:`run_particles`.  It draws K
+particles ``z_k ~ q(z)`` from the guide, replays the model on them and returns, for every sample
+site, its terms aligned on a common layout::
+
+    term.shape == (K, d_{-P}, ..., d_{-1})
+
+where ``P`` is the model's plate nesting (``max_plate_nesting`` without the particle plate), the
+first dim indexes particles and ``d_{-i}`` is the size of the plate at ``dim=-i`` (1 where the site
+is not in that plate).  The same layout comes out whether the particles were vectorized in an
+outer ``pyro.plate`` (the default) or drawn one after another and stacked.
+
+Per site the engine records (see :class:`SiteTerms`):
+
+* ``log_prob``: log density scaled by the site's ``scale`` (subsampling, ``poutine.scale``, beta)
+  and masked, as in Pyro's ``Trace.compute_log_prob``;
+* ``log_prob_unscaled``: the same, masked but not scaled, for nonlinear objectives (importance
+  weights) that must apply the subsampling scale *after* a log-sum-exp;
+* for guide sites, the score-function part (``None`` for reparameterized sites);
+* for guide sites, when asked, ``log_prob_detached``: log q evaluated on the same samples with the
+  guide's parameters held constant (for STL and DReG);
+* the plate frames the site lives in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.util import is_identically_zero, scale_and_mask
+from pyro.poutine.util import prune_subsample_sites
+
+from pyro_elbo.engine.handlers import BetaScale, DetachParams, DetachSamples, detached_parameters
+from pyro_elbo.engine.validation import check_traces, explain_replay_failure
+
+__all__ = ["PARTICLE_PLATE", "Particles", "SiteTerms", "guess_plate_nesting", "run_particles"]
+
+#: Name of the outer plate that vectorizes particles.
+PARTICLE_PLATE = "_pyro_elbo_particles"
+
+
+@dataclass
+class SiteTerms:
+    """The per-particle terms of one sample site, each shaped ``(K, *plate dims)``."""
+
+    name: str
+    log_prob: torch.Tensor
+    log_prob_unscaled: torch.Tensor
+    frames: frozenset
+    scale: float | torch.Tensor
+    is_observed: bool = False
+    is_auxiliary: bool = False
+    reparameterized: bool = True
+    score_function: torch.Tensor | None = None
+    log_prob_detached: torch.Tensor | None = None
+
+
+@dataclass
+class Particles:
+    """What one engine run returns: per-site terms for K particles and the raw traces."""
+
+    num_particles: int
+    plate_nesting: int
+    vectorized: bool
+    model_sites: dict[str, SiteTerms]
+    guide_sites: dict[str, SiteTerms]
+    model_traces: list = field(repr=False)
+    guide_traces: list = field(repr=False)
+    aligner: _Aligner | None = field(default=None, repr=False)
+
+    def align(self, name: str, tensors: list) -> torch.Tensor:
+        """Bring one tensor per trace (as computed from the raw traces) to the engine layout."""
+        return self.aligner(name, tensors)
+
+    @property
+    def latent_sites(self) -> dict[str, SiteTerms]:
+        return {n: s for n, s in self.model_sites.items() if not s.is_observed}
+
+    @property
+    def observed_sites(self) -> dict[str, SiteTerms]:
+        return {n: s for n, s in self.model_sites.items() if s.is_observed}
+
+    def per_particle(self, term: torch.Tensor) -> torch.Tensor:
+        """Sum a ``(K, ...)`` term over everything but the particle dim."""
+        return term.reshape(self.num_particles, -1).sum(-1)
+
+    def log_p(self, unscaled: bool = False) -> torch.Tensor:
+        """log p(x, z_k) per particle, shape ``(K,)``."""
+        return self._total(self.model_sites.values(), "log_prob_unscaled" if unscaled else "log_prob")
+
+    def log_q(self, detached_params: bool = False, unscaled: bool = False) -> torch.Tensor:
+        """log q(z_k) per particle, shape ``(K,)``; optionally with the guide's params held constant."""
+        if detached_params:
+            if unscaled:
+                raise ValueError("the detached log q is only recorded scaled")
+            return self._total(self.guide_sites.values(), "log_prob_detached")
+        return self._total(self.guide_sites.values(), "log_prob_unscaled" if unscaled else "log_prob")
+
+    def _total(self, sites, attribute) -> torch.Tensor:
+        total = None
+        for site in sites:
+            term = getattr(site, attribute)
+            if term is None:
+                raise RuntimeError(
+                    f"site {site.name!r} has no {attribute}; run the engine with detach_params=True"
+                )
+            term = self.per_particle(term)
+            total = term if total is None else total + term
+        if total is None:
+            return torch.zeros(self.num_particles)
+        return total
+
+    def params(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Unconstrained leaf tensors of the ``pyro.param`` sites seen, split by model and guide."""
+        split = {}
+        for role, traces in (("guide", self.guide_traces), ("model", self.model_traces)):
+            leaves = {}
+            for trace in traces:
+                for name, site in trace.nodes.items():
+                    if site["type"] == "param" and name not in leaves:
+                        value = site["value"]
+                        unconstrained = getattr(value, "unconstrained", None)
+                        leaf = unconstrained() if unconstrained is not None else value
+                        if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                            leaves[name] = leaf
+            split[role] = leaves
+        # A parameter used by both programs is credited to the guide.
+        split["model"] = {n: p for n, p in split["model"].items() if n not in split["guide"]}
+        return split
+
+
+def guess_plate_nesting(model, guide, args, kwargs) -> int:
+    """The deepest vectorized plate dim used by model or guide (one unvectorized run)."""
+    with poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    dims = [
+        frame.dim
+        for trace in (guide_trace, model_trace)
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return -min(dims) if dims else 0
+
+
+def run_particles(
+    model,
+    guide,
+    args,
+    kwargs,
+    *,
+    num_particles: int,
+    plate_nesting: int,
+    vectorize: bool = True,
+    detach_params: bool = False,
+    detach_samples: bool = False,
+    beta: float = 1.0,
+    validate: bool = False,
+) -> Particles:
+    """Run ``guide`` and ``model`` for ``num_particles`` particles and collect per-site terms.
+
+    ``plate_nesting`` is the model's plate nesting P; the particle plate goes at ``dim=-(P+1)``.
+    With ``detach_params=True`` the guide is replayed a second time (hidden from SVI by
+    ``poutine.block``) with its parameters held constant, giving ``log_prob_detached``.
+    With ``detach_samples=True`` the guide's samples are cut from the graph (the score-function
+    estimator).  With ``beta != 1`` the scale of every latent site is multiplied by ``beta``.
+    ``validate=True`` checks the structure of the pair first (see :mod:`.validation`).
+    """
+    user = (model, guide)
+    if detach_samples:
+        guide = DetachSamples()(guide)
+    if beta != 1.0:
+        model, guide = BetaScale(beta)(model), BetaScale(beta)(guide)
+    plate = None
+    if vectorize:
+        plate = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(plate_nesting + 1))
+    pairs = [
+        _trace_pair(model, guide, user, args, kwargs, detach_params, plate, validate)
+        for _ in range(1 if vectorize else num_particles)
+    ]
+    model_traces = [p[0] for p in pairs]
+    guide_traces = [p[1] for p in pairs]
+    detached_traces = [p[2] for p in pairs]
+    align = _Aligner(num_particles, plate_nesting, vectorize)
+    model_sites = {
+        name: align.site(name, [t.nodes[name] for t in model_traces], is_guide=False)
+        for name, site in model_traces[0].nodes.items()
+        if site["type"] == "sample"
+    }
+    guide_sites = {
+        name: align.site(
+            name,
+            [t.nodes[name] for t in guide_traces],
+            is_guide=True,
+            detached=[t.nodes[name] for t in detached_traces] if detach_params else None,
+        )
+        for name, site in guide_traces[0].nodes.items()
+        if site["type"] == "sample"
+    }
+    return Particles(
+        num_particles=num_particles,
+        plate_nesting=plate_nesting,
+        vectorized=vectorize,
+        model_sites=model_sites,
+        guide_sites=guide_sites,
+        model_traces=model_traces,
+        guide_traces=guide_traces,
+        aligner=align,
+    )
+
+
+def _trace_pair(model, guide, user, args, kwargs, detach_params, plate, validate):
+    user_model, user_guide = user
+    if plate is not None:
+        model, guide = plate(model), plate(guide)
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    try:
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    except Exception as error:
+        explained = explain_replay_failure(user_model, user_guide, args, kwargs, error)
+        if explained is not None:
+            raise explained from error
+        raise
+    if validate:
+        check_traces(model_trace, guide_trace)
+    detached_trace = None
+    if detach_params:
+        # Replay the guide on the same (still differentiable) samples with every parameter
+        # detached: log q then depends on phi only through the sample path.
+        replayed = poutine.replay(DetachParams()(guide), trace=guide_trace)
+        with poutine.block(), detached_parameters(user_guide):
+            detached_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
+        detached_trace = prune_subsample_sites(detached_trace)
+        detached_trace.compute_log_prob()
+    guide_trace = prune_subsample_sites(guide_trace)
+    model_trace = prune_subsample_sites(model_trace)
+    model_trace.compute_log_prob()
+    guide_trace.compute_score_parts()
+    return model_trace, guide_trace, detached_trace
+
+
+class _Aligner:
+    """Bring site tensors to the engine's ``(K, d_{-P}, ..., d_{-1})`` layout."""
+
+    def __init__(self, num_particles, plate_nesting, vectorized):
+        self.K = num_particles
+        self.P = plate_nesting
+        self.vectorized = vectorized
+
+    def __call__(self, name, tensors):
+        if self.vectorized:
+            (t,) = tensors
+            t = self._pad(name, t, self.P + 1)
+            return t.expand((self.K,) + t.shape[1:])
+        return torch.stack([self._pad(name, t, self.P) for t in tensors])
+
+    def _pad(self, name, t, ndim):
+        if not isinstance(t, torch.Tensor):
+            t = torch.as_tensor(t)
+        if t.dim() > ndim:
+            raise ValueError(
+                f"site {name!r}: its log-density has shape {tuple(t.shape)}, with more batch dims "
+                f"than the {self.P} plate dim(s) of the model. Declare every batch dim with a "
+                "pyro.plate (or .to_event() for event dims), or pass max_plate_nesting."
+            )
+        if t.dim() < ndim:
+            t = t.reshape((1,) * (ndim - t.dim()) + t.shape)
+        return t
+
+    def site(self, name, nodes, is_guide, detached=None):
+        first = nodes[0]
+        frames = frozenset(f for f in first["cond_indep_stack"] if f.name != PARTICLE_PLATE)
+        scale = first["scale"]
+        if is_guide:
+            parts = [n["score_parts"] for n in nodes]
+            log_prob = self(name, [p.log_prob for p in parts])
+            reparameterized = all(is_identically_zero(p.score_function) for p in parts)
+            score = None if reparameterized else self(name, [p.score_function for p in parts])
+        else:
+            log_prob = self(name, [n["log_prob"] for n in nodes])
+            reparameterized, score = True, None
+        if isinstance(scale, (int, float)) and scale == 1.0:
+            unscaled = log_prob  # already masked, and nothing to unscale
+        else:
+            unscaled = self(name, [_masked_unscaled(n, is_guide) for n in nodes])
+        return SiteTerms(
+            name=name,
+            log_prob=log_prob,
+            log_prob_unscaled=unscaled,
+            frames=frames,
+            scale=scale,
+            is_observed=bool(first["is_observed"]),
+            is_auxiliary=bool(first["infer"].get("is_auxiliary", False)),
+            reparameterized=reparameterized,
+            score_function=score,
+            log_prob_detached=None
+            if detached is None
+            else self(name, [n["log_prob"] for n in detached]),
+        )
+
+
+def _masked_unscaled(node, is_guide):
+    log_prob = node["fn"].log_prob(node["value"]) if is_guide else node["unscaled_log_prob"]
+    return scale_and_mask(log_prob, 1.0, node["mask"])
+
+
+def sum_to_frames(term: torch.Tensor, term_frames: frozenset, target_frames: frozenset):
+    """Sum ``term`` over the plate dims of ``term_frames`` that are not in ``target_frames``.
+
+    This is Pyro's partial Rao-Blackwellization (``MultiFrameTensor.sum_to``) on the engine layout:
+    the result broadcasts against any site living in ``target_frames``.
+    """
+    dims = [f.dim for f in term_frames if f.vectorized and f not in target_frames]
+    return term.sum(dims, keepdim=True) if dims else term
+
+
+def log_mean_exp(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``log (1/K) sum_k exp(x_k)`` along ``dim``, computed stably."""
+    return torch.logsumexp(x, dim) - math.log(x.shape[dim])

@@ -1,0 +1,115 @@
+"""Structural checks of a (model, guide) pair, run once on the first traces an objective sees.
+
+Pyro only warns about most of these (``check_model_guide_match``); a plugin whose estimators
+depend on the structure raises instead, with a message that names the site and says what to do.
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro.poutine.util import site_is_subsample
+
+__all__ = ["ModelGuideMismatchError", "check_traces", "explain_replay_failure"]
+
+
+class ModelGuideMismatchError(ValueError):
+    """The guide does not match the model (missing, extra or mis-shaped sites)."""
+
+
+def _sample_sites(trace):
+    return {
+        name: site
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site_is_subsample(site)
+    }
+
+
+def _strip_ones(shape):
+    shape = tuple(shape)
+    while shape and shape[0] == 1:
+        shape = shape[1:]
+    return shape
+
+
+def check_traces(model_trace, guide_trace, *, allow_enumeration: bool = False) -> None:
+    """Raise :class:`ModelGuideMismatchError` (or ``NotImplementedError``) on a bad pair.
+
+    Call it on the raw (unpruned) traces, before log densities are computed.
+    """
+    model_sites = _sample_sites(model_trace)
+    guide_sites = _sample_sites(guide_trace)
+    for name, site in guide_sites.items():
+        if site["is_observed"]:
+            raise ModelGuideMismatchError(
+                f"guide site {name!r} is observed (obs=...) in the guide; a guide only samples "
+                "latent variables. Remove obs= from the guide."
+            )
+        if name in model_sites and model_sites[name]["is_observed"]:
+            raise ModelGuideMismatchError(
+                f"the guide samples {name!r}, which is an observed site of the model. "
+                "Remove it from the guide: observed data are not latent variables."
+            )
+        if name not in model_sites and not site["infer"].get("is_auxiliary"):
+            raise ModelGuideMismatchError(
+                f"guide site {name!r} does not appear in the model. Rename it to match a model "
+                "site, or mark it infer={'is_auxiliary': True} if it is a helper variable."
+            )
+        if not allow_enumeration and site["infer"].get("enumerate"):
+            raise NotImplementedError(
+                f"guide site {name!r} is enumerated (infer={{'enumerate': ...}}); this objective "
+                "draws Monte Carlo particles. Use pyro.infer.TraceEnum_ELBO for enumeration, or "
+                "remove the enumerate flag to sample the site."
+            )
+    for name, site in model_sites.items():
+        if site["is_observed"]:
+            continue
+        if name not in guide_sites:
+            if not allow_enumeration and site["infer"].get("enumerate"):
+                raise NotImplementedError(
+                    f"model site {name!r} is enumerated; this objective cannot sum it out. "
+                    "Use pyro.infer.TraceEnum_ELBO, or sample the site in the guide."
+                )
+            raise ModelGuideMismatchError(
+                f"latent site {name!r} of the model is missing from the guide, so it would be "
+                "drawn from the prior and its density left out of the bound. Add a "
+                f"pyro.sample({name!r}, ...) statement to the guide (or use an autoguide)."
+            )
+        guide_value = guide_sites[name]["value"]
+        expected = site["fn"].shape()
+        if isinstance(guide_value, torch.Tensor) and _strip_ones(guide_value.shape) != _strip_ones(
+            expected
+        ):
+            raise _shape_error(name, guide_value.shape, expected)
+
+
+def _shape_error(name, guide_shape, model_shape, cause=None):
+    because = f"; replaying the model failed with: {cause}" if cause is not None else ""
+    return ModelGuideMismatchError(
+        f"site {name!r}: the guide samples a value of shape {tuple(guide_shape)} but the model's "
+        f"distribution has shape {tuple(model_shape)} (batch + event){because}. Make the guide's "
+        "distribution match, using .to_event() for event dims and the same pyro.plate for batch "
+        "dims."
+    )
+
+
+def explain_replay_failure(model, guide, args, kwargs, error: Exception):
+    """Turn an exception raised while replaying the model into a site-naming error, if we can.
+
+    Runs guide and model once each, unvectorized and hidden from SVI, and compares the shape of
+    every latent site.  Returns an exception to raise, or ``None`` if no mismatch was found.
+    """
+    import pyro.poutine as poutine
+
+    try:
+        with poutine.block():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            prior_trace = poutine.trace(model).get_trace(*args, **kwargs)
+    except Exception:  # one of them fails on its own: let the original error speak
+        return None
+    for name, site in _sample_sites(prior_trace).items():
+        if site["is_observed"] or name not in guide_trace.nodes:
+            continue
+        guide_shape = guide_trace.nodes[name]["value"].shape
+        if _strip_ones(guide_shape) != _strip_ones(site["value"].shape):
+            return _shape_error(name, guide_shape, site["value"].shape, cause=error)
+    return None

@@ -1,0 +1,146 @@
+"""``pyro_elbo.ELBO``: the evidence lower bound with a choice of gradient estimator.
+
+    ELBO(q) = E_q[log p(x, z) - log q(z)] = E_q[log p(x | z)] - KL(q(z) || p(z))     (MATH.md (1-2))
+
+``loss`` is -ELBO, estimated with K particles.  The gradient estimator is chosen by name:
+
+* ``"reparam"``: pathwise gradient (:mod:`pyro_elbo.estimators.reparam`), score function for
+  guide sites without ``rsample``;
+* ``"stl"``: sticking the landing (:mod:`pyro_elbo.estimators.stl`, Roeder et al. 2017);
+* ``"score"``: score function for every site (:mod:`pyro_elbo.estimators.score`).
+
+``analytic_kl=True`` replaces the Monte Carlo KL of a site by its closed form where that is valid
+(:mod:`pyro_elbo.objectives.analytic_kl`); ``beta`` weighs the KL part (Higgins et al. 2017):
+``loss = -(E_q[log p(x | z)] - beta * KL(q(z) || p(z)))``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from pyro_elbo.engine.particles import Particles
+from pyro_elbo.estimators.reparam import reparam_surrogate
+from pyro_elbo.estimators.score import score_function_surrogate
+from pyro_elbo.estimators.stl import stl_surrogate
+from pyro_elbo.objectives.analytic_kl import analytic_kl_terms
+from pyro_elbo.objectives.base import ParticleObjective
+
+__all__ = ["ELBO"]
+
+ESTIMATORS = ("reparam", "stl", "score")
+BASELINES = ("loo", "none")
+
+
+class ELBO(ParticleObjective):
+    """Evidence lower bound; ``loss`` is -ELBO.  Drops into ``pyro.infer.SVI(..., loss=ELBO())``.
+
+    :param int num_particles: particles K per step.
+    :param str estimator: ``"reparam"`` (default), ``"stl"`` or ``"score"``.
+    :param str baseline: ``"loo"`` (leave-one-out across particles, default) or ``"none"``, for
+        score-function terms.  ``estimator="score"`` with ``"loo"`` needs ``num_particles >= 2``.
+    :param bool analytic_kl: closed-form KL(q || p) per latent site where valid (reparam only).
+    :param float beta: weight of the KL part (``beta=1`` is the ELBO).
+    :param bool vectorize_particles: vectorize the particles in an outer plate (default True).
+    :param max_plate_nesting: the model's plate nesting (guessed when not given).
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        *,
+        estimator: str = "reparam",
+        baseline: str = "loo",
+        analytic_kl: bool = False,
+        beta: float = 1.0,
+        vectorize_particles: bool = True,
+        max_plate_nesting: float = float("inf"),
+        retain_graph: bool | None = None,
+    ):
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not beta >= 0:
+            raise ValueError(f"beta must be a non-negative number, got {beta!r}")
+        if analytic_kl and estimator != "reparam":
+            raise ValueError(
+                f"analytic_kl=True works with estimator='reparam' only, got estimator={estimator!r}"
+            )
+        if estimator == "score" and baseline == "loo" and num_particles < 2:
+            raise ValueError(
+                "estimator='score' with baseline='loo' needs num_particles >= 2 (the baseline of "
+                "each particle is the mean of the others); raise num_particles or pass "
+                "baseline='none'."
+            )
+        super().__init__(
+            num_particles,
+            vectorize_particles=vectorize_particles,
+            max_plate_nesting=max_plate_nesting,
+            retain_graph=retain_graph,
+        )
+        self.estimator = estimator
+        self.baseline = baseline
+        self.analytic_kl = bool(analytic_kl)
+        self.beta = float(beta)
+
+    def _engine_options(self, need_surrogate):
+        return {
+            "beta": self.beta,
+            "detach_params": need_surrogate and self.estimator == "stl",
+            "detach_samples": self.estimator == "score",
+        }
+
+    def _loss_and_surrogate(self, particles: Particles, need_surrogate: bool):
+        kl_terms = analytic_kl_terms(particles) if self.analytic_kl else []
+        if kl_terms:
+            replaced = {name for t in kl_terms for name in (t.name, *t.replaces_guide_sites)}
+            kl = sum(particles.per_particle(t.kl) for t in kl_terms)
+            elbo = self._elbo_skipping(particles, replaced) - kl
+        else:
+            replaced = frozenset()
+            elbo = particles.log_p() - particles.log_q()
+        loss = -elbo.mean()
+        if not need_surrogate:
+            return loss, None
+        if self.estimator == "stl":
+            surrogate = stl_surrogate(particles)
+        elif self.estimator == "score":
+            scores = {n: s.log_prob_unscaled for n, s in particles.guide_sites.items()}
+            surrogate = particles.log_p() + score_function_surrogate(
+                particles, scores, self.baseline
+            )
+        else:
+            surrogate = reparam_surrogate(particles, self.baseline, skip=replaced)
+            if kl_terms:
+                surrogate = surrogate - kl
+        return loss, -surrogate.mean()
+
+    @staticmethod
+    def _elbo_skipping(particles: Particles, skip) -> torch.Tensor:
+        log_p = sum(
+            particles.per_particle(s.log_prob)
+            for n, s in particles.model_sites.items()
+            if n not in skip
+        )
+        log_q = sum(
+            particles.per_particle(s.log_prob)
+            for n, s in particles.guide_sites.items()
+            if n not in skip
+        )
+        return log_p - log_q
+
+    def __repr__(self):
+        extras = "".join(
+            f", {k}={v!r}"
+            for k, v in (
+                ("analytic_kl", self.analytic_kl),
+                ("beta", self.beta),
+            )
+            if v not in (False, 1.0)
+        )
+        return (
+            f"ELBO(num_particles={self.num_particles}, estimator={self.estimator!r}"
+            f"{extras})"
+        )
