@@ -25,7 +25,6 @@ Per site the engine records (see :class:`SiteTerms`):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import pyro
@@ -323,7 +322,3 @@ def sum_to_frames(term: torch.Tensor, term_frames: frozenset, target_frames: fro
     dims = [f.dim for f in term_frames if f.vectorized and f not in target_frames]
     return term.sum(dims, keepdim=True) if dims else term
 
-
-def log_mean_exp(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """``log (1/K) sum_k exp(x_k)`` along ``dim``, computed stably."""
-    return torch.logsumexp(x, dim) - math.log(x.shape[dim])
