@@ -136,9 +136,7 @@ def guess_plate_nesting(model, guide, args, kwargs) -> int:
     """The deepest vectorized plate dim used by model or guide (one unvectorized run)."""
     with poutine.block():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+        model_trace = _replay_model(model, guide_trace, (model, guide), args, kwargs)
     dims = [
         frame.dim
         for trace in (guide_trace, model_trace)
@@ -221,15 +219,7 @@ def _trace_pair(model, guide, user, args, kwargs, detach_params, plate, validate
     if plate is not None:
         model, guide = plate(model), plate(guide)
     guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    try:
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-    except Exception as error:
-        explained = explain_replay_failure(user_model, user_guide, args, kwargs, error)
-        if explained is not None:
-            raise explained from error
-        raise
+    model_trace = _replay_model(model, guide_trace, user, args, kwargs)
     if validate:
         check_traces(model_trace, guide_trace)
     detached_trace = None
@@ -246,6 +236,18 @@ def _trace_pair(model, guide, user, args, kwargs, detach_params, plate, validate
     model_trace.compute_log_prob()
     guide_trace.compute_score_parts()
     return model_trace, guide_trace, detached_trace
+
+
+def _replay_model(model, guide_trace, user, args, kwargs):
+    """Trace ``model`` replayed on ``guide_trace``; a failure caused by a guide whose site shapes
+    differ from the model's becomes an error that names the site."""
+    try:
+        return poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    except Exception as error:
+        explained = explain_replay_failure(*user, args, kwargs, error)
+        if explained is not None:
+            raise explained from error
+        raise
 
 
 class _Aligner:

@@ -1,0 +1,1 @@
+"""Checks and diagnostics of a fitted guide."""
