@@ -48,7 +48,9 @@ class CheckResult:
 
     @property
     def residual_se(self) -> float:
-        return math.hypot(self.elbo_se, self.kl_se)
+        """Combined Monte Carlo SE, floored at float64 round-off (1e-10 relative to log p(x))
+        so that a guide at the exact posterior, whose log weights are all equal, reads 0 SE."""
+        return max(math.hypot(self.elbo_se, self.kl_se), 1e-10 * max(1.0, abs(self.log_evidence)))
 
     @property
     def residual_z(self) -> float:

@@ -44,6 +44,8 @@ def posterior_of(guide, *args, site: str | None = None, **kwargs):
     :param guide: a fitted guide (see the module docstring for the supported types).
     :param args, kwargs: the model's arguments; only needed when an autoguide has not been run
         yet (to build its prototype trace).
+    The distributions are a detached snapshot of the guide's current parameters.
+
     :param site: a latent site name.  With ``site=None``, a guide with one latent site returns
         that site's Distribution, and a guide with several returns ``{site: Distribution}`` of
         the per-site marginals.
@@ -87,7 +89,7 @@ def _auto_normal(guide):
     marginals = {}
     for name, site in guide.prototype_trace.iter_stochastic_nodes():
         loc, scale = guide._get_loc_and_scale(name)
-        base = Normal(loc, scale)
+        base = Normal(loc.detach(), scale.detach())
         if guide._event_dims[name]:
             base = Independent(base, guide._event_dims[name])
         marginals[name] = _constrain(base, site["fn"].support)
@@ -99,7 +101,8 @@ def _auto_continuous(guide):
         guide, (AutoDiagonalNormal, AutoMultivariateNormal, AutoLowRankMultivariateNormal)
     ):
         raise TypeError(f"posterior_of does not support {type(guide).__name__}")
-    joint = guide.get_posterior()
+    with torch.no_grad():
+        joint = guide.get_posterior()
     loc = joint.mean
     diagonal = isinstance(guide, AutoDiagonalNormal)
     scale = joint.stddev if diagonal else None
