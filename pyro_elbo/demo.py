@@ -65,7 +65,8 @@ def demo_oracles():
 def _fit(oracle, guide, objective, steps, progress, label):
     optim = pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.02 ** (1 / steps)})
     svi = SVI(oracle.model, guide, optim, loss=objective)
-    bar = tqdm(range(steps), desc=label, leave=False, disable=not progress, mininterval=0.25)
+    # disable=None: a bar on a terminal, none in a log file
+    bar = tqdm(range(steps), desc=label, leave=False, disable=None if progress else True)
     for step in bar:
         loss = svi.step()
         if step % 50 == 0:

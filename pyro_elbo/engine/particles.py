@@ -172,6 +172,9 @@ def run_particles(
     ``validate=True`` checks the structure of the pair first (see :mod:`.validation`).
     """
     user = (model, guide)
+    # One particle needs no particle plate: the sequential path gives the same layout, and
+    # skipping the plate saves a messenger on every site (Trace_ELBO's K=1 cost).
+    vectorize = vectorize and num_particles > 1
     if detach_samples:
         guide = DetachSamples()(guide)
     if beta != 1.0:
