@@ -1,0 +1,180 @@
+"""Benchmark runner: ``python -m benchmarks [--problems ...] [--steps N] [--rounds R]``.
+
+For each problem in :mod:`benchmarks.models` it builds every contender (Pyro's ``Trace_ELBO``,
+pyro_elbo's objectives, the hand-written torch step, the compiled fast path when available,
+NumPyro when installed), then measures them **in one run, interleaved**: R rounds, and in every
+round each contender runs a block of N timed steps after its warm-up.  Parameter stores are kept
+apart with ``ParamStoreDict.scope``.  It reports the median milliseconds per step and the ratios
+to ``Trace_ELBO`` (same particles) and to the hand-written step, prints a markdown table and saves
+``benchmarks/results/speed.{json,md}``.  Peak RSS of the VAE step at K = 1, 16, 128 is measured in
+fresh subprocesses (``--memory``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pyro
+import torch
+from pyro.infer import SVI, Trace_ELBO
+
+from benchmarks.models import PROBLEMS
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _svi_step(problem, objective, lr):
+    guide = problem.make_guide(problem.model)
+    svi = SVI(problem.model, guide, pyro.optim.Adam({"lr": lr}), loss=objective)
+    return lambda: svi.step(*problem.args)
+
+
+def contenders(problem, num_particles):
+    """``{name: factory}``; each factory builds a step function inside its own param scope."""
+    from pyro_elbo import ELBO
+
+    lr = 1e-3 if "VAE" in problem.name else 0.01
+    k = num_particles
+    out = {
+        f"Trace_ELBO({k})": lambda: _svi_step(
+            problem, Trace_ELBO(k, vectorize_particles=k > 1), lr
+        ),
+        f"ELBO({k})": lambda: _svi_step(problem, ELBO(k), lr),
+        f"ELBO({k}, stl)": lambda: _svi_step(problem, ELBO(k, estimator="stl"), lr),
+    }
+    try:
+        from pyro_elbo.objectives.iwelbo import IWELBO
+
+        if k > 1:
+            out[f"IWELBO({k})"] = lambda: _svi_step(problem, IWELBO(k), lr)
+            out[f"IWELBO({k}, dreg)"] = lambda: _svi_step(problem, IWELBO(k, estimator="dreg"), lr)
+    except ImportError:
+        pass
+    try:
+        from pyro_elbo.fast import compile_step
+
+        if k == 1:
+            out["fast path (compile)"] = lambda: _compiled_step(problem, compile_step, lr)
+    except ImportError:
+        pass
+    if k == 1:
+        out["hand-written torch"] = lambda: _raw_step(problem, lr)
+    return out
+
+
+def _compiled_step(problem, compile_step, lr):
+    guide = problem.make_guide(problem.model)
+    step = compile_step(problem.model, guide, *problem.args, lr=lr)
+    return lambda: step(*problem.args)
+
+
+def _raw_step(problem, lr):
+    step = problem.make_raw_step(lr)
+    return lambda: step(*problem.args)
+
+
+def measure(problem, num_particles, steps, rounds, warmup):
+    store = pyro.get_param_store()
+    steps_by_name, scopes = {}, {}
+    for name, factory in contenders(problem, num_particles).items():
+        with store.scope() as scope, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pyro.set_rng_seed(0)
+            step = factory()
+            for _ in range(warmup):
+                step()
+        steps_by_name[name], scopes[name] = step, scope
+    times = {name: [] for name in steps_by_name}
+    for _ in range(rounds):
+        for name, step in steps_by_name.items():
+            with store.scope(scopes[name]), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                times[name].append((time.perf_counter() - start) / steps * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_rss_mb(num_particles: int) -> float:
+    """Peak RSS of a fresh process running 50 VAE steps with ``ELBO(num_particles)``."""
+    code = (
+        "import resource, torch, pyro, warnings; warnings.simplefilter('ignore');"
+        "torch.set_num_threads(1); pyro.enable_validation(False);"
+        "from benchmarks.models import vae; from pyro_elbo import ELBO;"
+        "from pyro.infer import SVI;"
+        "p = vae(); g = p.make_guide(p.model);"
+        f"svi = SVI(p.model, g, pyro.optim.Adam({{'lr': 1e-3}}), loss=ELBO({num_particles}));"
+        "[svi.step(*p.args) for _ in range(50)];"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def machine() -> str:
+    return (
+        f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), Python "
+        f"{platform.python_version()}, torch {torch.__version__}, pyro {pyro.__version__}"
+    )
+
+
+def format_markdown(results, memory) -> str:
+    lines = [f"Machine: {machine()}", ""]
+    for problem, by_k in results.items():
+        for k, timings in by_k.items():
+            base = timings.get(f"Trace_ELBO({k})")
+            raw = timings.get("hand-written torch")
+            lines += [f"**{problem}**, K={k}", "", "| contender | ms/step | × Trace_ELBO | × hand-written |", "|---|---|---|---|"]
+            for name, ms in timings.items():
+                r1 = f"{ms / base:.2f}" if base else "–"
+                r2 = f"{ms / raw:.2f}" if raw else "–"
+                lines.append(f"| {name} | {ms:.3f} | {r1} | {r2} |")
+            lines.append("")
+    if memory:
+        lines += ["**Peak RSS, VAE step (ELBO(K), 50 steps)**", "", "| K | MB |", "|---|---|"]
+        lines += [f"| {k} | {mb:.0f} |" for k, mb in memory.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--problems", nargs="*", default=list(PROBLEMS), choices=list(PROBLEMS))
+    parser.add_argument("--particles", nargs="*", type=int, default=[1, 16])
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per block")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--memory", action="store_true", help="also measure VAE peak RSS")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    pyro.enable_validation(False)
+    results = {}
+    for key in args.problems:
+        problem = PROBLEMS[key]()
+        for k in args.particles:
+            timings = measure(problem, k, args.steps, args.rounds, args.warmup)
+            results.setdefault(problem.name, {})[k] = timings
+            print(problem.name, f"K={k}", {n: round(t, 3) for n, t in timings.items()}, flush=True)
+    memory = {k: peak_rss_mb(k) for k in (1, 16, 128)} if args.memory else {}
+    table = format_markdown(results, memory)
+    print(table)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "speed.md").write_text(table + "\n")
+    payload = {"machine": machine(), "ms_per_step": results, "peak_rss_mb": memory}
+    (RESULTS / "speed.json").write_text(json.dumps(payload, indent=2))
+    print(f"\nwrote {RESULTS / 'speed.md'} and {RESULTS / 'speed.json'}")
+
+
+if __name__ == "__main__":
+    main()
