@@ -111,6 +111,8 @@ class ELBO(ParticleObjective):
             surrogate = particles.log_p() + score_function_surrogate(
                 particles, scores, self.baseline
             )
+        elif not kl_terms and all(s.reparameterized for s in particles.guide_sites.values()):
+            surrogate = elbo  # fully pathwise: the ELBO estimate is its own surrogate
         else:
             surrogate = reparam_surrogate(particles, self.baseline, skip=replaced)
             if kl_terms:
