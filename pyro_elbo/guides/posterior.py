@@ -103,10 +103,10 @@ def _auto_continuous(guide):
         raise TypeError(f"posterior_of does not support {type(guide).__name__}")
     with torch.no_grad():
         joint = guide.get_posterior()
-    loc = joint.mean
+    loc = joint.mean.detach()
     diagonal = isinstance(guide, AutoDiagonalNormal)
-    scale = joint.stddev if diagonal else None
-    covariance = None if diagonal else joint.covariance_matrix
+    scale = joint.stddev.detach() if diagonal else None
+    covariance = None if diagonal else joint.covariance_matrix.detach()
     marginals, pos = {}, 0
     for name, site in guide.prototype_trace.iter_stochastic_nodes():
         shape = guide._unconstrained_shapes[name]

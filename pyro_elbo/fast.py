@@ -1,0 +1,148 @@
+"""The compiled fast path: one SVI step as one traced torch function and one fused optimizer.
+
+Pyro's per-step cost is mostly Python: effect handlers run on every site of every step
+(about 57% of a ``Trace_ELBO`` step), then one torch optimizer per parameter (about 22%).  When
+the model's structure is static, none of that work has to be repeated:
+
+1. trace guide and model twice and check that the structure is static (same sites, shapes,
+   distributions and plates); otherwise fall back to the normal path with a one-line warning;
+2. capture the parameters (unconstrained leaves) once;
+3. record the objective's ``differentiable_loss`` as a function of (parameters, data) with
+   ``torch.jit.trace`` (random draws stay random: sampling ops are recorded, not their values);
+4. each step: run the traced loss, ``backward``, and one ``torch.optim.Adam`` over all leaves
+   (``foreach`` implementation).
+
+The losses match the normal path at the same seed (the same ops draw the same random numbers).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.poutine.util import prune_subsample_sites
+
+__all__ = ["CompiledStep", "StaticStructureError", "compile_step"]
+
+
+class StaticStructureError(RuntimeError):
+    """The model or guide changes structure between runs, so it cannot be compiled."""
+
+
+def _structure(model, guide, args, kwargs):
+    with poutine.block(), torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    signature = []
+    for role, trace in (("guide", guide_trace), ("model", model_trace)):
+        for name, site in prune_subsample_sites(trace).nodes.items():
+            if site["type"] != "sample":
+                continue
+            fn = site["fn"]
+            signature.append(
+                (
+                    role,
+                    name,
+                    type(fn).__name__,
+                    tuple(site["value"].shape),
+                    tuple((f.name, f.dim, f.size) for f in site["cond_indep_stack"]),
+                )
+            )
+    return tuple(signature)
+
+
+def check_static_structure(model, guide, args, kwargs) -> None:
+    """Raise :class:`StaticStructureError` if two runs visit different sites or shapes."""
+    first = _structure(model, guide, args, kwargs)
+    second = _structure(model, guide, args, kwargs)
+    if first != second:
+        changed = sorted({s[:2] for s in set(first) ^ set(second)})
+        raise StaticStructureError(
+            f"the structure changes between runs (sites {changed[:4]} differ)"
+        )
+
+
+class CompiledStep:
+    """A compiled SVI step for ``(model, guide, loss)``; call it with the model's arguments.
+
+    :param loss: any pyro_elbo objective (default ``ELBO()``) or Pyro ELBO with
+        ``differentiable_loss``.
+    :param float lr: Adam learning rate.
+    :param dict adam: extra ``torch.optim.Adam`` options (``betas``, ``eps``...).
+
+    ``step.params`` are the unconstrained leaves (the param store's own tensors, updated in place);
+    ``step.optimizer`` is the single Adam over all of them.
+    """
+
+    def __init__(self, model, guide, *args, loss=None, lr: float = 0.01, adam=None, **kwargs):
+        if loss is None:
+            from pyro_elbo.objectives.elbo import ELBO
+
+            loss = ELBO()
+        self.model, self.guide, self.loss, self.kwargs = model, guide, loss, kwargs
+        with poutine.block(), torch.no_grad():
+            guide(*args, **kwargs)  # let autoguides build their parameters
+        check_static_structure(model, guide, args, kwargs)
+        with poutine.block(), poutine.trace(param_only=True) as capture:
+            loss.differentiable_loss(model, guide, *args, **kwargs)
+        self.param_names = sorted(capture.trace.nodes)
+        if not self.param_names:
+            raise ValueError("the guide and model have no parameters to optimize")
+        self.params = [pyro.param(name).unconstrained() for name in self.param_names]
+        for name, leaf in zip(self.param_names, self.params):
+            if not leaf.is_leaf:
+                raise StaticStructureError(f"parameter {name!r} is not a leaf tensor")
+        self._traced = self._trace(args)
+        self.optimizer = torch.optim.Adam(self.params, lr=lr, foreach=True, **(adam or {}))
+
+    def _trace(self, args):
+        names, model, guide, loss, kwargs = (
+            self.param_names,
+            self.model,
+            self.guide,
+            self.loss,
+            self.kwargs,
+        )
+
+        def loss_of(*params_and_args):
+            data = params_and_args[len(names) :]
+            constrained = {name: pyro.param(name) for name in names}
+            return poutine.replay(loss.differentiable_loss, params=constrained)(
+                model, guide, *data, **kwargs
+            )
+
+        with pyro.validation_enabled(False), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.jit.trace(loss_of, tuple(self.params) + tuple(args), check_trace=False)
+
+    def __call__(self, *args) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._traced(*self.params, *args)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+def compile_step(model, guide, *args, loss=None, lr: float = 0.01, adam=None, **kwargs):
+    """A compiled step if the model's structure is static, else the normal SVI step.
+
+    Returns a callable ``step(*args) -> float``.  The fallback warns once and says why.
+    """
+    try:
+        return CompiledStep(model, guide, *args, loss=loss, lr=lr, adam=adam, **kwargs)
+    except (StaticStructureError, torch.jit.Error, RuntimeError) as error:
+        warnings.warn(
+            f"compile=True: falling back to the normal path because {error}", stacklevel=2
+        )
+    from pyro.infer import SVI
+
+    if loss is None:
+        from pyro_elbo.objectives.elbo import ELBO
+
+        loss = ELBO()
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": lr, **(adam or {})}), loss=loss)
+    return lambda *a: svi.step(*a, **kwargs)
