@@ -56,9 +56,12 @@ def posterior_of(guide, *args, site: str | None = None, **kwargs):
         if guide.prototype_trace is None:
             with torch.no_grad():
                 guide(*args, **kwargs)
-        marginals = (
-            _auto_normal(guide) if isinstance(guide, AutoNormal) else _auto_continuous(guide)
-        )
+        # Inside the module's Pyro context its PyroParams are read through the param store, so
+        # values set with ``pyro.get_param_store()[name] = ...`` are seen.
+        with guide._pyro_context:
+            marginals = (
+                _auto_normal(guide) if isinstance(guide, AutoNormal) else _auto_continuous(guide)
+            )
     else:
         raise TypeError(
             f"posterior_of does not know how to read q from a {type(guide).__name__}: it supports "
