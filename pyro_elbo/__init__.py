@@ -6,9 +6,24 @@ Objectives are ``pyro.infer.ELBO`` subclasses that drop into ``pyro.infer.SVI(..
 
 from pyro_elbo import conjugate
 from pyro_elbo.diagnostics.check import CheckResult, check
+from pyro_elbo.diagnostics.gradient_variance import GradientVariance, gradient_variance
 from pyro_elbo.guides.posterior import posterior_of
+from pyro_elbo.objectives.cubo import CUBO
 from pyro_elbo.objectives.elbo import ELBO
+from pyro_elbo.objectives.inclusive_kl import InclusiveKL
+from pyro_elbo.objectives.iwelbo import IWELBO
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckResult", "ELBO", "check", "conjugate", "posterior_of"]
+__all__ = [
+    "CUBO",
+    "CheckResult",
+    "ELBO",
+    "GradientVariance",
+    "IWELBO",
+    "InclusiveKL",
+    "check",
+    "conjugate",
+    "gradient_variance",
+    "posterior_of",
+]

@@ -34,7 +34,11 @@ from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
 
 from pyro_elbo.engine.handlers import BetaScale, DetachParams, DetachSamples, detached_parameters
-from pyro_elbo.engine.validation import check_traces, explain_replay_failure
+from pyro_elbo.engine.validation import (
+    check_traces,
+    explain_replay_failure,
+    require_detachable_guide,
+)
 
 __all__ = ["PARTICLE_PLATE", "Particles", "SiteTerms", "guess_plate_nesting", "run_particles"]
 
@@ -172,18 +176,17 @@ def run_particles(
     ``validate=True`` checks the structure of the pair first (see :mod:`.validation`).
     """
     user = (model, guide)
+    detach = DetachSamples() if detach_samples else None
     # One particle needs no particle plate: the sequential path gives the same layout, and
     # skipping the plate saves a messenger on every site (Trace_ELBO's K=1 cost).
     vectorize = vectorize and num_particles > 1
-    if detach_samples:
-        guide = DetachSamples()(guide)
     if beta != 1.0:
         model, guide = BetaScale(beta)(model), BetaScale(beta)(guide)
     plate = None
     if vectorize:
         plate = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(plate_nesting + 1))
     pairs = [
-        _trace_pair(model, guide, user, args, kwargs, detach_params, plate, validate)
+        _trace_pair(model, guide, user, args, kwargs, detach_params, plate, validate, detach)
         for _ in range(1 if vectorize else num_particles)
     ]
     model_traces = [p[0] for p in pairs]
@@ -217,14 +220,21 @@ def run_particles(
     )
 
 
-def _trace_pair(model, guide, user, args, kwargs, detach_params, plate, validate):
+def _trace_pair(model, guide, user, args, kwargs, detach_params, plate, validate, detach):
     user_model, user_guide = user
     if plate is not None:
         model, guide = plate(model), plate(guide)
-    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    if detach is not None:
+        # outside poutine.trace, so the trace records the detached samples
+        with detach:
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    else:
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
     model_trace = _replay_model(model, guide_trace, user, args, kwargs)
     if validate:
         check_traces(model_trace, guide_trace)
+        if detach_params:
+            require_detachable_guide(user_guide, guide_trace)
     detached_trace = None
     if detach_params:
         # Replay the guide on the same (still differentiable) samples with every parameter

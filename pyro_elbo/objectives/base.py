@@ -67,7 +67,7 @@ class ParticleObjective(pyro.infer.ELBO):
         )
         # Pyro adds one for its own particle plate; the engine places ours itself.
         self.max_plate_nesting = max_plate_nesting
-        self._validated_pairs: set[tuple[int, int]] = set()
+        self._validated_pairs: set[tuple[int, int, bool]] = set()
 
     # ----------------------------------------------------------------- hooks for subclasses
     def _engine_options(self, need_surrogate: bool) -> dict:
@@ -84,7 +84,8 @@ class ParticleObjective(pyro.infer.ELBO):
         """Run the particle engine for this objective's settings (validating a new pair once)."""
         if self.max_plate_nesting == float("inf"):
             self.max_plate_nesting = guess_plate_nesting(model, guide, args, kwargs)
-        pair = (id(model), id(guide))
+        # validate each pair once per kind of run (the detached replay adds its own check)
+        pair = (id(model), id(guide), bool(options.get("detach_params")))
         particles = run_particles(
             model,
             guide,
