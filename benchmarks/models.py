@@ -144,14 +144,21 @@ def vae(batch=64, pixels=64, latent=8, seed=0) -> Problem:
             z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([latent]).to_event(1))
             pyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x)
 
-    def make_guide(model):
-        def guide(x):
-            pyro.module("encoder", encoder)
-            loc, scale = encoder(x)
+    class Guide(nn.Module):
+        """The encoder guide owns its network, so STL/DReG can hold its weights constant."""
+
+        def __init__(self):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, x):
+            pyro.module("encoder", self.encoder)
+            loc, scale = self.encoder(x)
             with pyro.plate("data", x.shape[0]):
                 pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
-        return guide
+    def make_guide(model):
+        return Guide()
 
     def make_raw_step(lr=1e-3):
         enc, dec = Encoder(pixels, latent=latent), Decoder(pixels, latent=latent)

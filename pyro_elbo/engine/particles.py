@@ -46,20 +46,83 @@ __all__ = ["PARTICLE_PLATE", "Particles", "SiteTerms", "guess_plate_nesting", "r
 PARTICLE_PLATE = "_pyro_elbo_particles"
 
 
-@dataclass
 class SiteTerms:
-    """The per-particle terms of one sample site, each shaped ``(K, *plate dims)``."""
+    """The per-particle terms of one sample site, each shaped ``(K, *plate dims)``.
 
-    name: str
-    log_prob: torch.Tensor
-    log_prob_unscaled: torch.Tensor
-    frames: frozenset
-    scale: float | torch.Tensor
-    is_observed: bool = False
-    is_auxiliary: bool = False
-    reparameterized: bool = True
-    score_function: torch.Tensor | None = None
-    log_prob_detached: torch.Tensor | None = None
+    The terms are brought to the engine layout lazily, on first access, so the common path
+    (totals per particle) adds no reshaping to the autograd graph.
+
+    * ``log_prob``: scaled and masked log density;
+    * ``log_prob_unscaled``: masked, not scaled;
+    * ``log_prob_detached``: (guide sites, when recorded) log q with the guide's parameters held
+      constant, scaled and masked;
+    * ``score_function``: (guide sites without ``rsample``) the score-function part, else ``None``.
+    """
+
+    def __init__(self, name, nodes, aligner, *, is_guide, detached_nodes=None):
+        first = nodes[0]
+        self.name = name
+        self.frames = frozenset(f for f in first["cond_indep_stack"] if f.name != PARTICLE_PLATE)
+        self.scale = first["scale"]
+        self.is_observed = bool(first["is_observed"])
+        self.is_auxiliary = bool(first["infer"].get("is_auxiliary", False))
+        self._nodes, self._align, self._is_guide = nodes, aligner, is_guide
+        self._detached_nodes = detached_nodes
+        self._cache = {}
+        if is_guide:
+            self._raw_log_prob = [n["score_parts"].log_prob for n in nodes]
+            self.reparameterized = all(
+                is_identically_zero(n["score_parts"].score_function) for n in nodes
+            )
+        else:
+            self._raw_log_prob = [n["log_prob"] for n in nodes]
+            self.reparameterized = True
+
+    def _aligned(self, key, make_raw):
+        if key not in self._cache:
+            self._cache[key] = self._align(self.name, make_raw())
+        return self._cache[key]
+
+    @property
+    def log_prob(self) -> torch.Tensor:
+        return self._aligned("log_prob", lambda: self._raw_log_prob)
+
+    @property
+    def log_prob_unscaled(self) -> torch.Tensor:
+        if isinstance(self.scale, (int, float)) and self.scale == 1.0:
+            return self.log_prob  # already masked, and nothing to unscale
+        return self._aligned(
+            "unscaled", lambda: [_masked_unscaled(n, self._is_guide) for n in self._nodes]
+        )
+
+    @property
+    def log_prob_detached(self) -> torch.Tensor | None:
+        if self._detached_nodes is None:
+            return None
+        return self._aligned("detached", lambda: [n["log_prob"] for n in self._detached_nodes])
+
+    @property
+    def score_function(self) -> torch.Tensor | None:
+        if self.reparameterized:
+            return None
+        return self._aligned(
+            "score", lambda: [n["score_parts"].score_function for n in self._nodes]
+        )
+
+    def total(self, attribute: str) -> torch.Tensor:
+        """Per-particle sum of a term, shape ``(K,)``, with as few graph nodes as possible."""
+        if attribute == "log_prob" and "log_prob" not in self._cache and len(self._nodes) == 1:
+            if not self._align.vectorized:  # one sequential particle: a plain sum
+                return self._raw_log_prob[0].sum().unsqueeze(0)
+        term = getattr(self, attribute)
+        if term is None:
+            raise RuntimeError(
+                f"site {self.name!r} has no {attribute}; run the engine with detach_params=True"
+            )
+        return term.reshape(term.shape[0], -1).sum(-1)
+
+    def __repr__(self):
+        return f"SiteTerms({self.name!r}, frames={sorted(f.name for f in self.frames)})"
 
 
 @dataclass
@@ -106,12 +169,7 @@ class Particles:
     def _total(self, sites, attribute) -> torch.Tensor:
         total = None
         for site in sites:
-            term = getattr(site, attribute)
-            if term is None:
-                raise RuntimeError(
-                    f"site {site.name!r} has no {attribute}; run the engine with detach_params=True"
-                )
-            term = self.per_particle(term)
+            term = site.total(attribute)
             total = term if total is None else total + term
         if total is None:
             return torch.zeros(self.num_particles)
@@ -194,20 +252,24 @@ def run_particles(
     detached_traces = [p[2] for p in pairs]
     align = _Aligner(num_particles, plate_nesting, vectorize)
     model_sites = {
-        name: align.site(name, [t.nodes[name] for t in model_traces], is_guide=False)
+        name: SiteTerms(name, [t.nodes[name] for t in model_traces], align, is_guide=False)
         for name, site in model_traces[0].nodes.items()
         if site["type"] == "sample"
     }
     guide_sites = {
-        name: align.site(
+        name: SiteTerms(
             name,
             [t.nodes[name] for t in guide_traces],
+            align,
             is_guide=True,
-            detached=[t.nodes[name] for t in detached_traces] if detach_params else None,
+            detached_nodes=[t.nodes[name] for t in detached_traces] if detach_params else None,
         )
         for name, site in guide_traces[0].nodes.items()
         if site["type"] == "sample"
     }
+    if validate:  # shape errors surface now, naming the site, not at first use
+        for site in (*model_sites.values(), *guide_sites.values()):
+            site.log_prob  # noqa: B018
     return Particles(
         num_particles=num_particles,
         plate_nesting=plate_nesting,
@@ -276,6 +338,8 @@ class _Aligner:
             (t,) = tensors
             t = self._pad(name, t, self.P + 1)
             return t.expand((self.K,) + t.shape[1:])
+        if len(tensors) == 1:  # a view, not a copy: keeps the K=1 hot path as cheap as Trace_ELBO
+            return self._pad(name, tensors[0], self.P).unsqueeze(0)
         return torch.stack([self._pad(name, t, self.P) for t in tensors])
 
     def _pad(self, name, t, ndim):
@@ -290,37 +354,6 @@ class _Aligner:
         if t.dim() < ndim:
             t = t.reshape((1,) * (ndim - t.dim()) + t.shape)
         return t
-
-    def site(self, name, nodes, is_guide, detached=None):
-        first = nodes[0]
-        frames = frozenset(f for f in first["cond_indep_stack"] if f.name != PARTICLE_PLATE)
-        scale = first["scale"]
-        if is_guide:
-            parts = [n["score_parts"] for n in nodes]
-            log_prob = self(name, [p.log_prob for p in parts])
-            reparameterized = all(is_identically_zero(p.score_function) for p in parts)
-            score = None if reparameterized else self(name, [p.score_function for p in parts])
-        else:
-            log_prob = self(name, [n["log_prob"] for n in nodes])
-            reparameterized, score = True, None
-        if isinstance(scale, (int, float)) and scale == 1.0:
-            unscaled = log_prob  # already masked, and nothing to unscale
-        else:
-            unscaled = self(name, [_masked_unscaled(n, is_guide) for n in nodes])
-        return SiteTerms(
-            name=name,
-            log_prob=log_prob,
-            log_prob_unscaled=unscaled,
-            frames=frames,
-            scale=scale,
-            is_observed=bool(first["is_observed"]),
-            is_auxiliary=bool(first["infer"].get("is_auxiliary", False)),
-            reparameterized=reparameterized,
-            score_function=score,
-            log_prob_detached=None
-            if detached is None
-            else self(name, [n["log_prob"] for n in detached]),
-        )
 
 
 def _masked_unscaled(node, is_guide):
