@@ -20,7 +20,7 @@ __all__ = ["reparam_surrogate"]
 
 def reparam_surrogate(particles: Particles, baseline: str = "loo", skip=frozenset()) -> torch.Tensor:
     """Per-particle surrogate ``log p - log q (+ score terms)``; sites in ``skip`` are left out."""
-    surrogate = torch.zeros(particles.num_particles)
+    surrogate = 0.0  # becomes a (K,) tensor on the terms' device
     for name, site in particles.model_sites.items():
         if name not in skip:
             surrogate = surrogate + particles.per_particle(site.log_prob)

@@ -40,7 +40,7 @@ def score_function_surrogate(
     """
     log_r = [(site.frames, site.log_prob.detach()) for site in particles.model_sites.values()]
     log_r += [(site.frames, -site.log_prob.detach()) for site in particles.guide_sites.values()]
-    surrogate = torch.zeros(particles.num_particles)
+    surrogate = 0.0  # becomes a (K,) tensor on the terms' device
     for name, score in score_functions.items():
         frames = particles.guide_sites[name].frames
         cost = sum(sum_to_frames(term, term_frames, frames) for term_frames, term in log_r)

@@ -199,7 +199,7 @@ def group_terms(particles, terms, frames):
         for d in keep:
             shape[d] = max(shape[d], term.shape[d])
         summed.append(term)
-    total = torch.zeros((K, *shape), dtype=_dtype(summed))
+    total = torch.zeros((K, *shape), dtype=_dtype(summed), device=_device(summed))
     for term in summed:
         total = total + term
     return total.reshape(K, -1)
@@ -207,6 +207,10 @@ def group_terms(particles, terms, frames):
 
 def _dtype(terms):
     return terms[0].dtype if terms else torch.get_default_dtype()
+
+
+def _device(terms):
+    return terms[0].device if terms else None
 
 
 # ------------------------------------------------------------------------ gradient helpers
@@ -227,7 +231,7 @@ def vimco_signal(log_w: torch.Tensor) -> torch.Tensor:
     others = (log_w.sum(0, keepdim=True) - log_w) / (K - 1)  # (K, E)
     # (K, K, E): row k is log_w with its k-th entry replaced by others[k]
     replaced = log_w.unsqueeze(0).expand(K, K, -1).clone()
-    index = torch.arange(K)
+    index = torch.arange(K, device=log_w.device)
     replaced[index, index] = others
     return total - log_mean_exp(replaced, 1)
 
