@@ -189,7 +189,24 @@ class ConjugateOracle:
         return self.latents[0] if len(self.latents) == 1 else None
 
     def _plate(self, subsample_size: int | None = None) -> pyro.plate:
-        return pyro.plate("data", self.num_data, subsample_size=subsample_size, dim=-1)
+        device = getattr(self, "data", getattr(self, "y", None))
+        device = device.device if isinstance(device, torch.Tensor) else None
+        return pyro.plate(
+            "data", self.num_data, subsample_size=subsample_size, dim=-1, device=device
+        )
+
+    def to(self, device) -> ConjugateOracle:
+        """Move data and hyperparameters to ``device`` (e.g. ``"cuda"``), in place; returns self."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+            elif isinstance(value, dict):
+                setattr(
+                    self,
+                    name,
+                    {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in value.items()},
+                )
+        return self
 
     def _repr_fields(self) -> dict:
         return {"N": self.num_data}

@@ -584,3 +584,12 @@ BAD_INPUTS = [
 def test_bad_input_raises_value_error_naming_the_argument(argument, build):
     with pytest.raises(ValueError, match=rf"\b{re.escape(argument)}\b"):
         build()
+
+
+def test_to_moves_every_tensor_and_keeps_answers():
+    oracle = NormalNormal.simulate(10, 2, seed=0, dtype=torch.float64)
+    moved = NormalNormal.simulate(10, 2, seed=0, dtype=torch.float64).to("cpu")
+    assert torch.equal(moved.log_evidence(), oracle.log_evidence())
+    assert all(
+        v.device.type == "cpu" for v in vars(moved).values() if isinstance(v, torch.Tensor)
+    )

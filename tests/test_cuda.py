@@ -28,8 +28,7 @@ OBJECTIVES = [
 
 
 def cuda_oracle():
-    oracle = LinearRegression.simulate(100, 3, seed=0, dtype=torch.float64)
-    return LinearRegression(oracle.X.cuda(), oracle.y.cuda())
+    return LinearRegression.simulate(100, 3, seed=0, dtype=torch.float64).to("cuda")
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES, ids=repr)
