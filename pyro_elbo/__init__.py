@@ -5,8 +5,10 @@ Objectives are ``pyro.infer.ELBO`` subclasses that drop into ``pyro.infer.SVI(..
 """
 
 from pyro_elbo import conjugate
+from pyro_elbo.diagnostics.arviz import loo, to_inference_data
 from pyro_elbo.diagnostics.check import CheckResult, check
 from pyro_elbo.diagnostics.gradient_variance import GradientVariance, gradient_variance
+from pyro_elbo.diagnostics.trust import Diagnosis, EvidenceBounds, diagnose, evidence_bounds
 from pyro_elbo.guides.posterior import posterior_of
 from pyro_elbo.objectives.cubo import CUBO
 from pyro_elbo.objectives.elbo import ELBO
@@ -18,12 +20,18 @@ __version__ = "0.1.0"
 __all__ = [
     "CUBO",
     "CheckResult",
+    "Diagnosis",
     "ELBO",
+    "EvidenceBounds",
     "GradientVariance",
     "IWELBO",
     "InclusiveKL",
     "check",
     "conjugate",
+    "diagnose",
+    "evidence_bounds",
     "gradient_variance",
+    "loo",
     "posterior_of",
+    "to_inference_data",
 ]

@@ -49,6 +49,11 @@ def check_traces(model_trace, guide_trace, *, allow_enumeration: bool = False) -
                 f"guide site {name!r} is observed (obs=...) in the guide; a guide only samples "
                 "latent variables. Remove obs= from the guide."
             )
+        if name in model_sites and model_sites[name]["infer"].get("_deterministic"):
+            raise ModelGuideMismatchError(
+                f"the guide samples {name!r}, which is a pyro.deterministic site of the model "
+                "(a function of other sites). Remove it from the guide."
+            )
         if name in model_sites and model_sites[name]["is_observed"]:
             raise ModelGuideMismatchError(
                 f"the guide samples {name!r}, which is an observed site of the model. "

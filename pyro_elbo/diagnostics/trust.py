@@ -1,0 +1,222 @@
+r"""Can I trust this fit?  PSIS k-hat of the guide, and a sandwich on log p(x).
+
+Both functions draw S values ``z_s ~ q`` in one vectorized pass of the particle engine and use
+the log importance weights ``log w_s = log p(x, z_s) - log q(z_s)`` (MATH.md §4).
+
+:func:`diagnose` (Yao, Vehtari, Simpson & Gelman 2018, "Yes, but did it work?: evaluating
+variational inference", ICML; Vehtari et al. 2024, "Pareto smoothed importance sampling", JMLR):
+
+* ``khat``: the shape of a generalized Pareto distribution fitted to the largest weights
+  (ArviZ's PSIS, :func:`pyro_elbo.diagnostics.arviz.psislw`).  The weights have finite moments
+  of order < 1/k, so k-hat measures how badly q misses posterior mass: q too narrow or
+  missing a mode gives heavy-tailed weights.  Verdict: ``k < 0.5`` good (q close to the
+  posterior, IS reliable), ``0.5 <= k < 0.7`` ok (usable, tails less so), ``k >= 0.7`` bad;
+  and bad whenever ``k > min(1 - 1/log10 S, 0.7)``, the threshold above which S draws cannot
+  give a reliable PSIS estimate (Vehtari et al. 2024, §3);
+* ``log_evidence`` ± SE: the importance-sampled ``log (1/S) sum_s w_s``;
+* ``elbo`` ± SE: ``mean_s log w_s``;
+* ``cubo``: CUBO_2 = ``(1/2) log (1/S) sum_s w_s^2`` (Dieng et al. 2017);
+* ``ess``: Kish's effective sample size of the raw weights ``(sum w)^2 / sum w^2``.
+
+:func:`evidence_bounds`: ``lower`` = the IW estimate, whose expectation is <= log p(x) for every
+S (Jensen; Burda et al. 2016), and ``upper`` = the CUBO_2 estimate, since
+``(1/2) log E_q[w^2] >= log p(x)`` (Dieng et al. 2017).  The S-draw CUBO estimate is itself
+biased low (Jensen again) and badly so when ``E_q[w^2]`` is infinite (k-hat > 0.5, e.g. q
+narrower than the posterior by more than sqrt(2)); then the "upper" bound can fall below
+log p(x), so read it together with ``diagnose(...).khat``.  The estimates come from
+:mod:`pyro_elbo.engine.bounds`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pyro_elbo.diagnostics.arviz import check_num_samples, draw_particles, psis_khat
+from pyro_elbo.engine.bounds import cubo_estimate, elbo_estimate, iw_estimate
+from pyro_elbo.engine.particles import guess_plate_nesting, run_particles
+
+__all__ = [
+    "Diagnosis",
+    "EvidenceBounds",
+    "diagnose",
+    "evidence_bounds",
+    "khat_threshold",
+    "psis_khat",
+    "verdict",
+]
+
+#: The fewest draws k-hat is computed from (its tail fit needs them; 10^4 is the default).
+MIN_SAMPLES = 100
+
+
+def khat_threshold(num_samples: int) -> float:
+    """``min(1 - 1/log10 S, 0.7)``: above it, S draws give no reliable PSIS estimate."""
+    if num_samples <= 10:
+        return 0.0
+    return min(1.0 - 1.0 / math.log10(num_samples), 0.7)
+
+
+def verdict(khat: float, num_samples: int) -> str:
+    """``"good"`` (k < 0.5), ``"ok"`` (0.5 <= k < 0.7) or ``"bad"`` (k >= 0.7 or above
+    :func:`khat_threshold`), after Yao et al. 2018."""
+    if math.isnan(khat) or khat >= 0.7 or khat > khat_threshold(num_samples):
+        return "bad"
+    return "good" if khat < 0.5 else "ok"
+
+
+@dataclass
+class Diagnosis:
+    """What :func:`diagnose` found (floats); ``repr`` is a short report with advice."""
+
+    khat: float
+    num_samples: int
+    log_evidence: float
+    log_evidence_se: float
+    elbo: float
+    elbo_se: float
+    cubo: float
+    cubo_se: float
+    ess: float
+
+    @property
+    def threshold(self) -> float:
+        """The sample-size threshold ``min(1 - 1/log10 S, 0.7)``."""
+        return khat_threshold(self.num_samples)
+
+    @property
+    def verdict(self) -> str:
+        """``"good"``, ``"ok"`` or ``"bad"``."""
+        return verdict(self.khat, self.num_samples)
+
+    @property
+    def advice(self) -> str:
+        k, S = self.khat, self.num_samples
+        if k == -math.inf:
+            return "k-hat -inf: the importance weights are constant, q is the exact posterior."
+        if self.verdict == "good":
+            return (
+                f"k-hat {k:.2f} < 0.5: q covers the posterior; importance sampling and the "
+                "ELBO gap are reliable."
+            )
+        if self.verdict == "ok":
+            return (
+                f"k-hat {k:.2f} in [0.5, 0.7): q is usable but light in the tails; means are "
+                "fine, tail quantities and IS estimates less so. A richer guide "
+                "(AutoMultivariateNormal, a flow) or IWELBO tightens it."
+            )
+        if k < 0.7:  # above the sample-size threshold only
+            return (
+                f"k-hat {k:.2f} > {self.threshold:.2f}, the threshold for S={S} draws: too few "
+                "draws for a reliable PSIS estimate; rerun with more num_samples (10^4)."
+            )
+        return (
+            f"k-hat {k:.2f} > 0.7: the guide is too narrow or misses mass; try a full-rank "
+            "guide, IWELBO or more particles. Importance-sampling estimates (log evidence, "
+            "PSIS-LOO) are unreliable."
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Diagnosis: {self.verdict} (k-hat {self.khat:.2f}, S={self.num_samples}, "
+            f"ESS {self.ess:.0f})\n"
+            f"  log p(x) (IS) {self.log_evidence:.4f} ± {self.log_evidence_se:.4f}\n"
+            f"  ELBO          {self.elbo:.4f} ± {self.elbo_se:.4f}\n"
+            f"  CUBO_2        {self.cubo:.4f} ± {self.cubo_se:.4f}\n"
+            f"  {self.advice}"
+        )
+
+
+@dataclass
+class EvidenceBounds:
+    """``lower`` (IW) and ``upper`` (CUBO_2) estimates of log p(x), each with its SE."""
+
+    lower: float
+    lower_se: float
+    upper: float
+    upper_se: float
+    num_samples: int
+
+    @property
+    def width(self) -> float:
+        """``upper - lower``: a bound on KL-type gaps; zero for the exact posterior."""
+        return self.upper - self.lower
+
+    def contains(self, value, num_se: float = 3.0) -> bool:
+        """``lower - num_se * lower_se <= value <= upper + num_se * upper_se``.
+
+        The margin matters at the lower end: the IW estimate is below log p(x) in expectation
+        only by about ``lower_se**2 / 2``, so for a good q it lands within noise of log p(x),
+        on either side.
+        """
+        value = float(value)
+        return self.lower - num_se * self.lower_se <= value <= self.upper + num_se * self.upper_se
+
+    def __repr__(self) -> str:
+        return (
+            f"EvidenceBounds({self.lower:.4f} ± {self.lower_se:.4f} <= log p(x) <= "
+            f"{self.upper:.4f} ± {self.upper_se:.4f}, S={self.num_samples})"
+        )
+
+
+def log_weights(model, guide, *args, num_samples: int, **kwargs) -> torch.Tensor:
+    """``log p(x, z_s) - log q(z_s)`` for S draws from the guide, shape ``(S,)`` (one vectorized
+    engine pass; a loop with a warning when the model does not vectorize)."""
+    num_samples = check_num_samples(num_samples)
+    with torch.no_grad():
+        nesting = guess_plate_nesting(model, guide, args, kwargs)
+        # one unvectorized, validated run: a guide that does not match the model fails here,
+        # with an error naming the site
+        run_particles(
+            model, guide, args, kwargs, num_particles=1, plate_nesting=nesting, validate=True
+        )
+        return draw_particles(
+            model, guide, args, kwargs, num_samples, nesting, lambda p: p.log_p() - p.log_q()
+        ).double()
+
+
+def diagnose(model, guide, *args, num_samples: int = 10000, **kwargs) -> Diagnosis:
+    """PSIS k-hat, verdict, IS log evidence, ELBO, CUBO_2 and ESS of ``guide`` for ``model``.
+
+    :param num_samples: draws S (at least 100; k-hat is biased low for small S, report it
+        with S).
+    ``args``/``kwargs`` go to model and guide (run on the full data).
+    """
+    num_samples = check_num_samples(num_samples, minimum=MIN_SAMPLES)
+    lw = log_weights(model, guide, *args, num_samples=num_samples, **kwargs)
+    log_evidence, log_evidence_se = iw_estimate(lw)
+    elbo, elbo_se = elbo_estimate(lw)
+    cubo, cubo_se = cubo_estimate(lw, n=2.0)
+    ess = math.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0))
+    return Diagnosis(
+        khat=psis_khat(lw.numpy()),
+        num_samples=num_samples,
+        log_evidence=float(log_evidence),
+        log_evidence_se=float(log_evidence_se),
+        elbo=float(elbo),
+        elbo_se=float(elbo_se),
+        cubo=float(cubo),
+        cubo_se=float(cubo_se),
+        ess=ess,
+    )
+
+
+def evidence_bounds(model, guide, *args, num_samples: int = 10000, **kwargs) -> EvidenceBounds:
+    """Lower (IW) and upper (CUBO_2) estimates of log p(x), each with its delta-method SE.
+
+    ``.contains(value)`` tests ``value`` against the bounds widened by 3 SE.  The upper estimate
+    is trustworthy only when the weights have a finite second moment (k-hat < 0.5).
+    """
+    num_samples = check_num_samples(num_samples, minimum=2)
+    lw = log_weights(model, guide, *args, num_samples=num_samples, **kwargs)
+    lower, lower_se = iw_estimate(lw)
+    upper, upper_se = cubo_estimate(lw, n=2.0)
+    return EvidenceBounds(
+        lower=float(lower),
+        lower_se=float(lower_se),
+        upper=float(upper),
+        upper_se=float(upper_se),
+        num_samples=num_samples,
+    )
