@@ -14,6 +14,15 @@ def main(argv=None) -> int:
     demo.add_argument("--steps", type=int, default=800, help="SVI steps per fit")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    commands.add_parser(
+        "vae", help="train the digits VAE under ELBO/IWELBO/DReG/STL (see pyro-elbo vae --help)",
+        add_help=False,
+    )
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["vae"]:
+        from pyro_elbo.examples.vae import main as vae_main
+
+        return vae_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "demo":
         from pyro_elbo.demo import run_demo

@@ -1,5 +1,12 @@
-"""Guides and the guide-to-distribution bridge."""
+"""Guides and the guide-to-distribution bridge.
 
-from pyro_elbo.guides.posterior import posterior_of
+* :class:`AmortizedNormal`: an encoder-network guide for latents local to a data plate (VAE);
+* :class:`ExactGuide`: samples a conjugate oracle's exact posterior;
+* :func:`posterior_of`: a guide's q as torch Distributions in the model's constrained space.
+"""
 
-__all__ = ["posterior_of"]
+from pyro_elbo.guides.amortized import AmortizedNormal
+from pyro_elbo.guides.exact import ExactGuide
+from pyro_elbo.guides.posterior import JointPosterior, posterior_of
+
+__all__ = ["AmortizedNormal", "ExactGuide", "JointPosterior", "posterior_of"]

@@ -8,7 +8,15 @@ Supported guides:
   marginal of the site's block of the joint Gaussian over the unconstrained latent vector (exact:
   marginals of a Gaussian are Gaussian), reshaped and pushed through ``biject_to(support)``;
 * any guide with a ``posterior_distributions()`` method returning ``{site: Distribution}``
-  (pyro_elbo's own guides).
+  (pyro_elbo's own guides: :class:`~pyro_elbo.guides.AmortizedNormal` gives the per-datapoint
+  q(z_i | x_i) for the data passed, :class:`~pyro_elbo.guides.ExactGuide` the oracle's posterior).
+
+``joint=True`` asks for q over *all* latent sites at once instead of per-site marginals: for the
+autoguides a :class:`JointPosterior` (the joint Gaussian over the unconstrained latent vector, each
+block pushed through its site's ``biject_to(support)``; ``sample`` and ``log_prob`` work on dicts
+keyed by site, the log density including every Jacobian), for a guide with a
+``joint_posterior()`` method (``ExactGuide``) what that returns, and for a one-site guide that
+site's Distribution.
 
 Hand-written ``pyro.param`` guides have no structure to read: they raise ``TypeError``; use Monte
 Carlo on their traces instead (as :func:`pyro_elbo.check` does).
@@ -17,6 +25,7 @@ Carlo on their traces instead (as :func:`pyro_elbo.check` does).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from pyro.infer.autoguide import (
@@ -28,6 +37,7 @@ from pyro.infer.autoguide import (
 )
 from torch.distributions import (
     Independent,
+    LowRankMultivariateNormal,
     MultivariateNormal,
     Normal,
     TransformedDistribution,
@@ -35,10 +45,10 @@ from torch.distributions import (
 )
 from torch.distributions.transforms import ComposeTransform, IndependentTransform, ReshapeTransform
 
-__all__ = ["posterior_of"]
+__all__ = ["JointPosterior", "posterior_of"]
 
 
-def posterior_of(guide, *args, site: str | None = None, **kwargs):
+def posterior_of(guide, *args, site: str | None = None, joint: bool = False, **kwargs):
     """q as a torch Distribution over the model's (constrained) latent values.
 
     :param guide: a fitted guide (see the module docstring for the supported types).
@@ -49,7 +59,12 @@ def posterior_of(guide, *args, site: str | None = None, **kwargs):
     :param site: a latent site name.  With ``site=None``, a guide with one latent site returns
         that site's Distribution, and a guide with several returns ``{site: Distribution}`` of
         the per-site marginals.
+    :param bool joint: return q over all latent sites jointly (see the module docstring).
     """
+    if joint:
+        if site is not None:
+            raise ValueError("pass either site= (one marginal) or joint=True, not both")
+        return _joint(guide, args, kwargs)
     if hasattr(guide, "posterior_distributions"):
         marginals = guide.posterior_distributions(*args, **kwargs)
     elif isinstance(guide, (AutoNormal, AutoContinuous)):
@@ -126,3 +141,152 @@ def _auto_continuous(guide):
         marginals[name] = _constrain(base, site["fn"].support)
         pos += size
     return marginals
+
+
+# ---------------------------------------------------------------------------- joint
+
+
+@dataclass
+class _Block:
+    name: str
+    start: int
+    shape: torch.Size  # the site's unconstrained shape
+    transform: object  # biject_to(support): unconstrained -> constrained
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+class JointPosterior:
+    """q over several latent sites: a Gaussian ``base`` over the flat unconstrained vector, each
+    site's block reshaped and pushed through ``biject_to(support)``.
+
+    Like :class:`pyro_elbo.conjugate.NormalGammaPosterior` it works on dicts keyed by site:
+
+    * ``sample(sample_shape)`` / ``rsample(sample_shape)`` -> ``{site: value}``;
+    * ``log_prob(values)``: the joint log density of a dict of constrained values,
+      ``log base(u) - sum_site log|d T_site(u_site) / d u_site|`` with ``u = T^{-1}(values)``;
+    * ``marginal(site)``: that site's marginal (the same as ``posterior_of(guide, site=...)``);
+    * ``latents``: the site names, in the guide's order.
+    """
+
+    def __init__(self, base, blocks, marginals):
+        self.base = base
+        self._blocks = {b.name: b for b in blocks}
+        self._marginals = marginals
+
+    @property
+    def latents(self) -> tuple:
+        return tuple(self._blocks)
+
+    def marginal(self, name):
+        if name not in self._marginals:
+            raise KeyError(f"site {name!r} is not a latent site of the guide; it has {self.latents}")
+        return self._marginals[name]
+
+    def sample(self, sample_shape=()) -> dict:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def rsample(self, sample_shape=()) -> dict:
+        flat = self.base.rsample(sample_shape)
+        batch = flat.shape[:-1]
+        return {
+            b.name: b.transform(flat[..., b.start : b.start + b.size].reshape(batch + b.shape))
+            for b in self._blocks.values()
+        }
+
+    def log_prob(self, values: dict) -> torch.Tensor:
+        missing = [n for n in self._blocks if n not in values]
+        if missing:
+            raise KeyError(f"log_prob needs a value for every latent site; missing {missing}")
+        parts, log_det = [], 0.0
+        for b in self._blocks.values():
+            value = torch.as_tensor(values[b.name], dtype=self.base.mean.dtype)
+            u = b.transform.inv(value)
+            batch = u.shape[: u.dim() - len(b.shape)]
+            ldj = b.transform.log_abs_det_jacobian(u, value)
+            extra = ldj.dim() - len(batch)  # site dims the Jacobian term still carries
+            if extra > 0:
+                ldj = ldj.reshape(ldj.shape[: len(batch)] + (-1,)).sum(-1)
+            log_det = log_det + ldj
+            parts.append(u.reshape(batch + (b.size,)))
+        batch = torch.broadcast_shapes(*(u.shape[:-1] for u in parts))
+        flat = torch.cat([u.expand(batch + u.shape[-1:]) for u in parts], -1)
+        return self.base.log_prob(flat) - log_det
+
+    def __repr__(self) -> str:
+        return f"JointPosterior(sites={list(self.latents)}, base={self.base!r})"
+
+
+def _joint(guide, args, kwargs):
+    if isinstance(guide, (AutoNormal, AutoContinuous)):
+        if guide.prototype_trace is None:
+            with torch.no_grad():
+                guide(*args, **kwargs)
+        with guide._pyro_context:
+            if isinstance(guide, AutoNormal):
+                marginals = _auto_normal(guide)
+                base, blocks = _auto_normal_joint(guide)
+            else:
+                marginals = _auto_continuous(guide)
+                base, blocks = _auto_continuous_joint(guide)
+        return JointPosterior(base, blocks, marginals)
+    if hasattr(guide, "joint_posterior"):
+        return guide.joint_posterior(*args, **kwargs)
+    if hasattr(guide, "posterior_distributions"):
+        marginals = guide.posterior_distributions(*args, **kwargs)
+        if len(marginals) == 1:
+            return next(iter(marginals.values()))
+        raise TypeError(
+            f"posterior_of(..., joint=True): {type(guide).__name__} has several latent sites "
+            f"({list(marginals)}) and no joint_posterior() method; use the per-site marginals "
+            "(joint=False)"
+        )
+    raise TypeError(
+        f"posterior_of does not know how to read q from a {type(guide).__name__}: it supports "
+        "AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal, AutoLowRankMultivariateNormal "
+        "and guides with a posterior_distributions() method."
+    )
+
+
+def _auto_normal_joint(guide):
+    locs, scales, blocks, pos = [], [], [], 0
+    for name, site in guide.prototype_trace.iter_stochastic_nodes():
+        loc, scale = guide._get_loc_and_scale(name)
+        block = _Block(name, pos, loc.shape, biject_to(site["fn"].support))
+        locs.append(loc.detach().reshape(-1))
+        scales.append(scale.detach().reshape(-1))
+        blocks.append(block)
+        pos += block.size
+    base = Independent(Normal(torch.cat(locs), torch.cat(scales)), 1)
+    return base, blocks
+
+
+def _auto_continuous_joint(guide):
+    if not isinstance(
+        guide, (AutoDiagonalNormal, AutoMultivariateNormal, AutoLowRankMultivariateNormal)
+    ):
+        raise TypeError(f"posterior_of does not support {type(guide).__name__}")
+    with torch.no_grad():
+        base = guide.get_posterior()
+    base = _detached(base)
+    blocks, pos = [], 0
+    for name, site in guide.prototype_trace.iter_stochastic_nodes():
+        shape = torch.Size(guide._unconstrained_shapes[name])
+        block = _Block(name, pos, shape, biject_to(site["fn"].support))
+        blocks.append(block)
+        pos += block.size
+    return base, blocks
+
+
+def _detached(base):
+    """A copy of a Gaussian over a vector with its parameters detached."""
+    if isinstance(base, Independent):
+        return Independent(Normal(base.mean.detach(), base.stddev.detach()), 1)
+    if isinstance(base, LowRankMultivariateNormal):
+        return LowRankMultivariateNormal(
+            base.loc.detach(), base.cov_factor.detach(), base.cov_diag.detach()
+        )
+    return MultivariateNormal(base.loc.detach(), scale_tril=base.scale_tril.detach())
