@@ -1,0 +1,33 @@
+"""``pyro_elbo.fit``: a fit loop users can trust.
+
+:func:`fit` runs stochastic VI with checks before step 1 (:mod:`.preflight`), automatic
+convergence (:mod:`.convergence`), a NaN/inf guard, crash-safe checkpoints with exact resume
+(:mod:`.checkpoint`), a progress bar and callbacks, and returns a :class:`FitResult`.
+"""
+
+from pyro_elbo.fit.checkpoint import CheckpointError, CheckpointMismatchError
+from pyro_elbo.fit.convergence import (
+    AutoConvergence,
+    ConvergenceRule,
+    RelativeTolerance,
+    effective_sample_size,
+    split_rhat,
+)
+from pyro_elbo.fit.loop import FitResult, FitState, NonFiniteError, fit
+from pyro_elbo.fit.preflight import PlateMismatchError, SupportMismatchError
+
+__all__ = [
+    "AutoConvergence",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "ConvergenceRule",
+    "FitResult",
+    "FitState",
+    "NonFiniteError",
+    "PlateMismatchError",
+    "RelativeTolerance",
+    "SupportMismatchError",
+    "effective_sample_size",
+    "fit",
+    "split_rhat",
+]

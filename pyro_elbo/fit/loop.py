@@ -1,0 +1,903 @@
+"""``fit``: a stochastic-VI loop that stops on its own, refuses bad input, survives NaNs and crashes.
+
+One call replaces the hand-written ``for step in range(n): svi.step(...)`` loop::
+
+    result = fit(model, guide, data, seed=0)          # pyro_elbo.ELBO() and Adam(lr=0.01)
+    result.converged, result.reason, result.num_steps, result.seconds
+    result.plot()                                     # the loss trace (a matplotlib Figure)
+
+What it does, in order:
+
+1. **Checks before step 1** (:mod:`.preflight`): settings, then one blocked run of guide and
+   model: structure, shapes, supports, plates, discrete sites under pathwise estimators,
+   enumeration, observed NaNs, initial log-densities, parameters.
+2. **Steps**: ``loss.loss_and_grads`` (any pyro_elbo objective or Pyro ELBO) and one optimizer
+   step over the parameters captured once before the loop (parameters created later are adopted).
+3. **NaN/inf guard**: a non-finite loss or gradient stops the loop *before* the optimizer step, so
+   parameters and optimizer state stay at the last finite step.  The step's traces are re-run with
+   the same random numbers to name the site whose log-density is non-finite.  With
+   ``skip_nonfinite=N`` up to N such steps are skipped (no update) before raising.
+4. **Convergence** (:mod:`.convergence`): ``"auto"`` (split-R-hat stationarity, then iterate
+   averaging to a Monte Carlo SE of 0.1 of each parameter's scale; the guide ends at the average),
+   ``"relative"`` (Stan's relative ELBO tolerance), a rule instance, or ``None``.
+5. **Checkpoints** (:mod:`.checkpoint`): every ``checkpoint_every`` steps and at the end, written
+   atomically; ``resume=True`` continues from an existing file, bit for bit on CPU.
+6. **Progress** (tqdm): step, smoothed loss, convergence status.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyro
+import pyro.optim
+import pyro.poutine as poutine
+import torch
+
+from pyro_elbo.fit import checkpoint as ckpt
+from pyro_elbo.fit.convergence import fisher_diagonal, fisher_seed, make_rule
+from pyro_elbo.fit.preflight import (
+    check_has_params,
+    check_model_guide,
+    check_objective,
+    check_optim,
+    check_steps,
+)
+
+__all__ = ["DEFAULT_LR", "FitResult", "FitState", "NonFiniteError", "fit"]
+
+#: learning rate of the default optimizer, ``torch.optim.Adam``
+DEFAULT_LR = 0.01
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or a gradient became NaN/inf.  Attributes: ``step`` (1-based; 0 = before step 1),
+    ``sites`` (``(role, site, what)`` triples found by re-running the step's traces), ``params``
+    (parameters with a non-finite gradient), ``losses`` (the losses so far)."""
+
+    def __init__(self, message, *, step, sites=(), params=(), losses=()):
+        super().__init__(message)
+        self.step = step
+        self.sites = list(sites)
+        self.params = list(params)
+        self.losses = np.asarray(losses, dtype=np.float64)
+
+
+# ------------------------------------------------------------------ result
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    * ``losses``: the loss of every step (numpy float64; NaN/inf for skipped steps);
+    * ``num_steps``: steps taken in total (including those before a resume);
+    * ``converged`` and ``reason``: whether the convergence rule was met, and why (or why not);
+    * ``seconds``: wall time of this call;
+    * ``skipped_steps``: steps skipped by the NaN guard (``skip_nonfinite``);
+    * ``diagnostics``: the convergence rule's figures (R-hat, MCSE, ESS, ``stationary_from``);
+    * ``resumed_from``: the step a checkpoint was resumed from, or ``None``.
+    """
+
+    losses: np.ndarray
+    num_steps: int
+    converged: bool
+    reason: str
+    seconds: float
+    skipped_steps: tuple = ()
+    diagnostics: dict = field(default_factory=dict)
+    resumed_from: int | None = None
+
+    def __repr__(self):
+        last = f", final loss {self.losses[-1]:.6g}" if len(self.losses) else ""
+        return (
+            f"FitResult(num_steps={self.num_steps}, converged={self.converged}, "
+            f"seconds={self.seconds:.3g}{last}, reason={self.reason!r})"
+        )
+
+    def plot(self, ax=None):
+        """The loss trace with a running mean, the averaged window and skipped steps marked.
+
+        Returns a ``matplotlib.figure.Figure`` (drawn on ``ax`` when given).
+        """
+        from matplotlib.figure import Figure
+
+        if ax is None:
+            fig = Figure(figsize=(7.0, 3.5), layout="constrained")
+            ax = fig.add_subplot()
+        else:
+            fig = ax.figure
+        losses = np.asarray(self.losses, dtype=np.float64)
+        steps = np.arange(1, len(losses) + 1)
+        ax.plot(steps, losses, lw=0.6, alpha=0.45, color="C0", label="loss")
+        finite = np.isfinite(losses)
+        width = max(10, len(losses) // 50)
+        if finite.sum() >= 2 * width:
+            filled = np.where(finite, losses, np.nan)
+            kernel = np.ones(width)
+            valid = np.convolve(finite.astype(float), kernel, mode="valid")
+            sums = np.convolve(np.nan_to_num(filled), kernel, mode="valid")
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ax.plot(
+                    steps[width - 1 :],
+                    sums / valid,
+                    color="C0",
+                    lw=1.5,
+                    label=f"mean of {width} steps",
+                )
+        start = self.diagnostics.get("stationary_from")
+        if start is not None:
+            ax.axvspan(start, len(losses), color="C2", alpha=0.15, label="averaged iterates")
+        if self.skipped_steps:
+            ax.plot(
+                list(self.skipped_steps),
+                [np.nanmin(losses[finite])] * len(self.skipped_steps)
+                if finite.any()
+                else [0.0] * len(self.skipped_steps),
+                "x",
+                color="C3",
+                label="skipped (non-finite)",
+            )
+        if finite.sum() >= 10:
+            tail = losses[finite][len(losses[finite]) // 10 :]
+            low, high = float(np.min(losses[finite])), float(np.quantile(tail, 0.995))
+            pad = 0.05 * (high - low) or 1.0
+            ax.set_ylim(low - pad, high + pad)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(
+            ("converged" if self.converged else "not converged") + f" after {self.num_steps} steps",
+            fontsize=10,
+        )
+        ax.legend(loc="upper right", fontsize=8)
+        return fig
+
+
+class FitState:
+    """What callbacks receive after each step: ``step``, ``loss``, ``losses`` (the live list),
+    ``status`` (the convergence status), ``objective``, ``optimizer`` and ``params`` (a dict of
+    the constrained parameter values).  A callback that returns ``True`` stops the run."""
+
+    __slots__ = ("step", "loss", "losses", "objective", "optimizer", "_rule", "_names")
+
+    def __init__(self, losses, objective, optimizer, rule, names):
+        self.step, self.loss, self.losses = 0, float("nan"), losses
+        self.objective, self.optimizer, self._rule, self._names = objective, optimizer, rule, names
+
+    @property
+    def status(self) -> str:
+        return self._rule.status if self._rule is not None else ""
+
+    @property
+    def params(self) -> dict:
+        store = pyro.get_param_store()
+        return {name: store[name] for name in self._names}
+
+
+# ------------------------------------------------------------------ optimizers
+
+
+class _TorchOptimizer:
+    """One torch optimizer over all parameters."""
+
+    kind = "torch"
+
+    def __init__(self, spec, leaves, names):
+        if spec is None:
+            self.optimizer = torch.optim.Adam(leaves, lr=DEFAULT_LR)
+        elif isinstance(spec, torch.optim.Optimizer):
+            held = {id(p) for group in spec.param_groups for p in group["params"]}
+            missing = [n for n, leaf in zip(names, leaves) if id(leaf) not in held]
+            if missing:
+                raise ValueError(
+                    f"fit: optim is a {type(spec).__name__} instance that does not hold the "
+                    f"parameters {missing[:6]}; pass the class ({type(spec).__name__}) or "
+                    f"functools.partial({type(spec).__name__}, lr=...) and fit builds it over "
+                    "every parameter."
+                )
+            self.optimizer = spec
+        else:
+            self.optimizer = spec(leaves)
+
+    def step(self):
+        self.optimizer.step()
+
+    def zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def add(self, leaves):
+        self.optimizer.add_param_group({"params": list(leaves)})
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state)
+
+
+class _PyroOptimizer:
+    """A ``pyro.optim.PyroOptim`` (one torch optimizer per parameter, state keyed by name)."""
+
+    kind = "pyro"
+
+    def __init__(self, optim, leaves):
+        self.optimizer = optim
+        self.leaves = list(leaves)
+
+    def step(self):
+        self.optimizer(self.leaves)
+
+    def zero_grad(self):
+        for leaf in self.leaves:
+            leaf.grad = None
+
+    def add(self, leaves):
+        self.leaves.extend(leaves)
+
+    def state_dict(self):
+        return self.optimizer.get_state()
+
+    def load_state_dict(self, state):
+        # optimizers already built for these leaves would never consume the pending state
+        for leaf in self.leaves:
+            self.optimizer.optim_objs.pop(leaf, None)
+            self.optimizer.grad_clip.pop(leaf, None)
+        self.optimizer.set_state(state)
+
+
+def _make_optimizer(spec, leaves, names):
+    if isinstance(spec, pyro.optim.PyroOptim):
+        return _PyroOptimizer(spec, leaves)
+    return _TorchOptimizer(spec, leaves, names)
+
+
+# ------------------------------------------------------------------ data batches
+
+
+class _Batches:
+    """Cycle over an iterable of batches, one per step, re-iterating it each epoch.
+
+    The random state at the start of each epoch is kept, so a resume can rebuild the epoch's
+    iterator (a shuffling DataLoader draws its permutation then) and skip the batches used.
+    """
+
+    def __init__(self, data):
+        self.data = data
+        self.epoch, self.index = 0, 0
+        self._iterator = None
+        self._epoch_rng = None
+
+    def first(self):
+        try:
+            return next(iter(self.data))
+        except StopIteration:
+            raise ValueError("fit: data yielded no batches") from None
+
+    def next(self):
+        if self._iterator is None:
+            self._start()
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            if iter(self.data) is self.data:
+                raise  # a one-shot iterator is exhausted
+            self.epoch += 1
+            self._start()
+            batch = next(self._iterator)
+        self.index += 1
+        return batch
+
+    def _start(self):
+        self._epoch_rng = ckpt.get_rng_state()
+        self.index = 0
+        self._iterator = iter(self.data)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "index": self.index, "epoch_rng": self._epoch_rng}
+
+    def load_state_dict(self, state):
+        self.epoch, self._epoch_rng = int(state["epoch"]), state["epoch_rng"]
+        self._iterator = None
+        if self._epoch_rng is None:
+            return
+        ckpt.set_rng_state(self._epoch_rng)
+        self._iterator = iter(self.data)
+        for _ in range(int(state["index"])):
+            next(self._iterator)
+        self.index = int(state["index"])
+
+
+def _with_batch(args, kwargs, batch):
+    if isinstance(batch, dict):
+        return args, {**kwargs, **batch}
+    if isinstance(batch, (tuple, list)):
+        return args + tuple(batch), kwargs
+    return args + (batch,), kwargs
+
+
+# ------------------------------------------------------------------ NaN diagnosis
+
+
+def _objective_traces(objective, model, guide, args, kwargs):
+    """(model_trace, guide_trace) pairs as the objective draws them, with log-densities."""
+    from pyro_elbo.objectives.base import ParticleObjective
+
+    if isinstance(objective, ParticleObjective):
+        particles = objective.run_particles(
+            model, guide, args, kwargs, **objective._engine_options(True)
+        )
+        return list(zip(particles.model_traces, particles.guide_traces))
+    if hasattr(objective, "_get_traces"):
+        return list(objective._get_traces(model, guide, args, kwargs))
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    return [(model_trace, guide_trace)]
+
+
+def _site_log_prob(site):
+    log_prob = site.get("log_prob")
+    if log_prob is None:
+        try:
+            log_prob = site["fn"].log_prob(site["value"])
+        except Exception:
+            return None
+    return log_prob if isinstance(log_prob, torch.Tensor) else None
+
+
+def _find_nonfinite(objective, model, guide, args, kwargs, rng_state, leaves):
+    """Re-run the step's traces from ``rng_state``; return ``(sites, note)``: the sites whose
+    sample, log-density or log-density gradient is non-finite, as ``(role, name, what)``."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    note = ""
+    with torch.random.fork_rng(devices=devices), poutine.block():
+        traces = None
+        for validate in (True, False):
+            torch.set_rng_state(rng_state)
+            try:
+                with pyro.validation_enabled(validate and pyro.infer.util.is_validation_enabled()):
+                    traces = _objective_traces(objective, model, guide, args, kwargs)
+                break
+            except Exception as error:  # e.g. a distribution refusing a NaN parameter
+                note = f"{type(error).__name__}: {error}".splitlines()[0]
+        if traces is None:
+            return [], note
+        found = []
+        for model_trace, guide_trace in traces:
+            for role, trace in (("guide", guide_trace), ("model", model_trace)):
+                for name, site in trace.nodes.items():
+                    if site["type"] != "sample" or name in {f[1] for f in found}:
+                        continue
+                    value = site["value"]
+                    if (
+                        not site["is_observed"]
+                        and isinstance(value, torch.Tensor)
+                        and value.is_floating_point()
+                        and not bool(torch.isfinite(value).all())
+                    ):
+                        found.append((role, name, "sample value is non-finite"))
+                        continue
+                    log_prob = _site_log_prob(site)
+                    if log_prob is not None and not bool(torch.isfinite(log_prob).all()):
+                        found.append((role, name, f"log-density is {_kind(log_prob)}"))
+        if found:
+            return found, note
+        # every log-density is finite: look for one whose gradient is not
+        live = [leaf for leaf in leaves if leaf.requires_grad]
+        for model_trace, guide_trace in traces:
+            for role, trace in (("guide", guide_trace), ("model", model_trace)):
+                for name, site in trace.nodes.items():
+                    if site["type"] != "sample":
+                        continue
+                    log_prob = _site_log_prob(site)
+                    if log_prob is None or not log_prob.requires_grad:
+                        continue
+                    grads = torch.autograd.grad(
+                        log_prob.sum(), live, retain_graph=True, allow_unused=True
+                    )
+                    if any(g is not None and not bool(torch.isfinite(g).all()) for g in grads):
+                        found.append((role, name, "log-density has a non-finite gradient"))
+    return found, note
+
+
+def _kind(tensor):
+    if bool(torch.isnan(tensor).any()):
+        return "NaN"
+    return "-inf" if bool((tensor == float("-inf")).any()) else "+inf"
+
+
+def _nonfinite_grads(names, leaves):
+    return [
+        name
+        for name, leaf in zip(names, leaves)
+        if leaf.grad is not None and not bool(torch.isfinite(leaf.grad).all())
+    ]
+
+
+def _nonfinite_error(step, loss, sites, note, bad_params, losses, skipped, cause=None):
+    where = "before step 1" if step == 0 else f"at step {step}"
+    if cause is not None:
+        first = str(cause).splitlines()[0].rstrip(":")
+        what = f"a distribution refused a non-finite value ({type(cause).__name__}: {first})"
+        note = ""
+    elif not math.isfinite(loss):
+        what = f"the loss is {loss}"
+    else:
+        what = f"the loss is finite but the gradient of {', '.join(bad_params[:4]) or 'a parameter'} is not"
+    lines = [f"fit: non-finite values {where}: {what}."]
+    if sites:
+        listed = "; ".join(f"{role} site {name!r}: {text}" for role, name, text in sites[:6])
+        lines.append(f"Re-running the step's traces with the same random numbers: {listed}.")
+    else:
+        lines.append(
+            "Re-running the step's traces with the same random numbers found no site with a "
+            "non-finite sample or log-density: the problem is in the objective's arithmetic "
+            "(e.g. all importance weights -inf) or in randomness outside torch's generator."
+        )
+    if note:
+        lines.append(f"(The re-run raised {note}.)")
+    if bad_params and not math.isfinite(loss):
+        lines.append(f"Parameters with a non-finite gradient: {', '.join(bad_params[:6])}.")
+    if step > 0:
+        lines.append(
+            f"The parameters and optimizer state are left as they were after step {step - 1}, "
+            "the last finite step."
+        )
+    if skipped:
+        lines.append(f"Steps already skipped: {len(skipped)} ({list(skipped[:8])}).")
+    lines.append(
+        "What to try: a smaller learning rate; check the model for operations that fail for "
+        "some latent values (log or sqrt of a value that can be negative, a scale that can "
+        "reach 0, exp overflow) and constrain those latents' support; a guide initialized "
+        "closer to the data (init_scale, init_loc_fn); or fit(..., skip_nonfinite=N) to skip up "
+        "to N such steps."
+    )
+    return NonFiniteError(
+        "\n".join(lines), step=step, sites=sites, params=bad_params, losses=losses
+    )
+
+
+def _grads_finite(leaves) -> bool:
+    """Whether every gradient entry is finite: one reduction and one host sync per step (a sum
+    is non-finite iff an entry is, short of overflow).  Small parameter sets are concatenated
+    (fewest dispatches); large ones are reduced per tensor (no copy)."""
+    grads = [leaf.grad for leaf in leaves if leaf.grad is not None]
+    if not grads:
+        return True
+    if sum(g.numel() for g in grads) <= 65536:
+        total = torch.cat([g.reshape(-1) for g in grads]).sum()
+    else:
+        total = torch.stack(torch._foreach_norm(grads)).sum()
+    return math.isfinite(total.item())
+
+
+# ------------------------------------------------------------------ the loop
+
+
+class _Context:
+    """What a convergence rule needs to see of the run."""
+
+    def __init__(self, leaves, names, guide_names, max_steps, fisher):
+        self.leaves, self.names, self.guide_names = leaves, names, guide_names
+        self.max_steps, self._fisher = max_steps, fisher
+
+    def fisher(self):
+        return self._fisher()
+
+
+def _show_progress(progress) -> bool:
+    if progress is True or progress is False:
+        return progress
+    if progress == "auto":
+        if "ipykernel" in sys.modules:
+            return True
+        stream = sys.stderr
+        return bool(getattr(stream, "isatty", None) and stream.isatty())
+    raise ValueError(f"fit: progress must be True, False or 'auto', got {progress!r}")
+
+
+def _progress_bar(show, total, initial):
+    if not show:
+        return None
+    if "ipykernel" in sys.modules:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc="fit", unit="step", dynamic_ncols=True)
+
+
+def fit(
+    model,
+    guide,
+    *args,
+    loss=None,
+    optim=None,
+    num_steps: int | None = None,
+    max_steps: int = 10_000,
+    progress="auto",
+    convergence="auto",
+    checkpoint=None,
+    checkpoint_every: int = 500,
+    resume: bool = True,
+    seed: int | None = None,
+    callbacks=(),
+    compile: bool = False,
+    data=None,
+    skip_nonfinite: int = 0,
+    **kwargs,
+) -> FitResult:
+    """Fit ``guide`` to ``model`` by stochastic optimization of ``loss``; see the module doc.
+
+    :param model, guide: Pyro programs; ``*args``/``**kwargs`` are passed to both.
+    :param loss: the objective (default ``pyro_elbo.ELBO()``): any pyro_elbo objective, or a Pyro
+        ELBO (``Trace_ELBO()``, ``TraceEnum_ELBO(max_plate_nesting=...)``...).
+    :param optim: ``pyro.optim.Adam({...})`` (any ``PyroOptim``), a torch optimizer class or
+        ``functools.partial`` of one (built over all parameters), or a constructed torch
+        optimizer holding them.  Default: ``torch.optim.Adam(lr=0.01)``.
+    :param num_steps: run exactly this many steps (convergence is then not checked).
+    :param int max_steps: with ``num_steps=None``, the most steps before giving up (10,000).
+    :param progress: ``True``, ``False`` or ``"auto"`` (on a terminal or in a notebook).
+    :param convergence: ``"auto"`` (:class:`~pyro_elbo.fit.convergence.AutoConvergence`),
+        ``"relative"`` (:class:`~pyro_elbo.fit.convergence.RelativeTolerance`), a rule instance,
+        or ``None`` (run ``max_steps``).
+    :param checkpoint: a file path; saved every ``checkpoint_every`` (500) steps and at the end.
+    :param bool resume: continue from ``checkpoint`` when the file exists (refused, with an error,
+        if it belongs to other parameters).
+    :param seed: seeds torch, numpy and Python (``pyro.set_rng_seed``) before anything runs.
+    :param callbacks: functions called as ``callback(state)`` after each step with a
+        :class:`FitState`; one returning ``True`` stops the run.
+    :param compile: reserved for the compiled fast path (not available yet).
+    :param data: an iterable of batches (e.g. a ``DataLoader``); each step takes the next batch
+        and passes it after ``*args`` (a tuple/list is unpacked, a dict merged into the keyword
+        arguments), re-iterating at the end of an epoch.
+    :param int skip_nonfinite: skip up to this many steps whose loss or gradient is non-finite
+        (no update) before raising :class:`NonFiniteError` (default 0: raise at the first).
+    :returns: a :class:`FitResult`.
+    """
+    started = time.perf_counter()
+    if compile:
+        raise NotImplementedError(
+            "fit(compile=True) is reserved for the compiled fast path, which is not wired into "
+            "fit yet. Use compile=False, or pyro_elbo.fast.compile_step for a compiled step."
+        )
+    check_steps(num_steps, max_steps, checkpoint_every, skip_nonfinite)
+    objective = check_objective(loss)
+    optim = check_optim(optim)
+    if num_steps is not None and convergence not in ("auto", None, False):
+        raise ValueError(
+            "fit: num_steps runs a fixed number of steps, so a convergence rule cannot stop it; "
+            "pass max_steps=... instead of num_steps to stop on convergence."
+        )
+    rule = None if num_steps is not None else make_rule(convergence)
+    target = int(num_steps if num_steps is not None else max_steps)
+    show = _show_progress(progress)
+    callbacks = tuple(callbacks) if callbacks is not None else ()
+    for index, callback in enumerate(callbacks):
+        if not callable(callback):
+            raise TypeError(f"fit: callbacks[{index}] is not callable: {callback!r}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"fit: seed must be an integer or None, got {seed!r}")
+        pyro.set_rng_seed(seed)
+    if checkpoint is not None:
+        checkpoint = os.fspath(checkpoint)
+
+    batches = _Batches(data) if data is not None else None
+    call_args, call_kwargs = (
+        _with_batch(args, kwargs, batches.first()) if batches is not None else (args, kwargs)
+    )
+
+    # ---- checks before step 1, and the parameters
+    pre = check_model_guide(model, guide, objective, call_args, call_kwargs)
+    # One evaluation of the objective triggers its lazy set-up (plate guessing, validation) now,
+    # so that a resumed run draws the same random numbers as an uninterrupted one, and records
+    # every parameter it reads.  A non-finite draw is retried up to skip_nonfinite times.
+    store = pyro.get_param_store()
+    names = sorted({*pre.guide_params, *pre.model_params}, key=str)
+    for attempt in range(skip_nonfinite + 1):
+        rng_before = torch.get_rng_state()
+        refused = None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
+            with poutine.trace(param_only=True) as capture:
+                try:
+                    initial = float(objective.loss(model, guide, *call_args, **call_kwargs))
+                except Exception as error:
+                    leaves = [store[n].unconstrained() for n in names if n in store]
+                    refused = _refused_nonfinite(
+                        error, objective, model, guide, call_args, call_kwargs, rng_before, leaves
+                    )
+                    if refused is None:
+                        _note(error, "raised by the objective in fit's check before step 1")
+                        raise
+                    initial = float("nan")
+        if math.isfinite(initial):
+            break
+        if attempt == skip_nonfinite:
+            leaves = [store[n].unconstrained() for n in names if n in store]
+            if refused is not None:
+                raise _nonfinite_error(0, initial, refused[1], "", [], [], [], cause=refused[0])
+            sites, note = _find_nonfinite(
+                objective, model, guide, call_args, call_kwargs, rng_before, leaves
+            )
+            raise _nonfinite_error(0, initial, sites, note, [], [], [])
+    names = sorted({*names, *capture.trace.nodes}, key=str)
+    names = [n for n in names if n in store]
+    check_has_params(pre, guide)
+    leaves = [store[name].unconstrained() for name in names]
+    keep = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
+    names, leaves = [names[i] for i in keep], [leaves[i] for i in keep]
+    opt = _make_optimizer(optim, leaves, names)
+    guide_names = set(pre.guide_params)
+
+    losses: list[float] = []
+    skipped: list[int] = []
+    step = 0
+    current = {"args": call_args, "kwargs": call_kwargs}
+
+    def fisher():
+        return fisher_diagonal(
+            guide,
+            current["args"],
+            current["kwargs"],
+            leaves,
+            num_draws=getattr(rule, "fisher_draws", 32),
+            seed=fisher_seed(step),
+        )
+
+    if rule is not None:
+        rule.bind(_Context(leaves, names, guide_names, target, fisher))
+
+    # ---- resume
+    resumed_from = None
+    if checkpoint is not None and resume and os.path.exists(checkpoint):
+        state = ckpt.load(checkpoint)
+        ckpt.check_fingerprint(state["fingerprint"], ckpt.fingerprint(names, leaves), checkpoint)
+        if state["optim"]["kind"] != opt.kind:
+            raise ckpt.CheckpointMismatchError(
+                f"the checkpoint {checkpoint!r} holds the state of a {state['optim']['kind']} "
+                f"optimizer but this run uses a {opt.kind} one ({type(opt.optimizer).__name__}); "
+                "pass the same kind of optim, or resume=False to start over."
+            )
+        with torch.no_grad():
+            for name, leaf in zip(names, leaves):
+                leaf.copy_(state["params"][name])
+        opt.load_state_dict(state["optim"]["state"])
+        step = int(state["step"])
+        losses = [float(v) for v in state["losses"].tolist()]
+        skipped = [int(s) for s in state["skipped"]]
+        saved_rule = state.get("rule")
+        if rule is not None:
+            if saved_rule is not None and saved_rule["type"] == type(rule).__name__:
+                rule.load_state_dict(saved_rule["state"])
+            else:
+                warnings.warn(
+                    f"fit: the checkpoint's convergence state ({saved_rule and saved_rule['type']})"
+                    f" does not match this run's rule ({type(rule).__name__}); the rule starts "
+                    "afresh at the resumed step.",
+                    stacklevel=2,
+                )
+        if state.get("objective") != repr(objective):
+            warnings.warn(
+                f"fit: resuming a checkpoint written with the objective {state.get('objective')}"
+                f" under {objective!r}",
+                stacklevel=2,
+            )
+        if batches is not None and state.get("data") is not None:
+            batches.load_state_dict(state["data"])
+        ckpt.set_rng_state(state["rng"])
+        resumed_from = step
+        if state["done"] and (state["converged"] or step >= target):
+            if rule is not None:
+                rule.finish()
+            return FitResult(
+                losses=np.asarray(losses, dtype=np.float64),
+                num_steps=step,
+                converged=bool(state["converged"]),
+                reason=f"restored from the finished checkpoint {checkpoint!r}: {state['reason']}",
+                seconds=time.perf_counter() - started,
+                skipped_steps=tuple(skipped),
+                diagnostics=rule.diagnostics() if rule is not None else {},
+                resumed_from=resumed_from,
+            )
+
+    def save(done=False, converged=False, reason=""):
+        ckpt.save_atomic(
+            {
+                "format": ckpt.FORMAT,
+                "fingerprint": ckpt.fingerprint(names, leaves),
+                "params": {name: leaf.detach() for name, leaf in zip(names, leaves)},
+                "optim": {"kind": opt.kind, "state": opt.state_dict()},
+                "rng": ckpt.get_rng_state(),
+                "step": step,
+                "losses": torch.tensor(losses, dtype=torch.float64),
+                "skipped": list(skipped),
+                "rule": None
+                if rule is None
+                else {"type": type(rule).__name__, "state": rule.state_dict()},
+                "data": batches.state_dict() if batches is not None else None,
+                "objective": repr(objective),
+                "done": done,
+                "converged": converged,
+                "reason": reason,
+            },
+            checkpoint,
+        )
+
+    # ---- the loop
+    step_fn = objective.loss_and_grads
+    state_for_callbacks = (
+        FitState(losses, objective, opt.optimizer, rule, names) if callbacks else None
+    )
+    bar = _progress_bar(show, target, step)
+    refresh = 50
+    num_in_store = len(store)
+    stop = None  # why the loop ended early
+    finite_loss = math.isfinite
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
+            warnings.filterwarnings("ignore", message="Encountered \\+?-?inf", category=UserWarning)
+            while step < target:
+                if batches is not None:
+                    try:
+                        batch = batches.next()
+                    except StopIteration:
+                        stop = f"the data iterator was exhausted after {step} steps"
+                        break
+                    call_args, call_kwargs = _with_batch(args, kwargs, batch)
+                    current["args"], current["kwargs"] = call_args, call_kwargs
+                rng_state = torch.get_rng_state()
+                refused = None
+                try:
+                    value = float(step_fn(model, guide, *call_args, **call_kwargs))
+                except Exception as error:
+                    opt.zero_grad()
+                    refused = _refused_nonfinite(
+                        error, objective, model, guide, call_args, call_kwargs, rng_state, leaves
+                    )
+                    if refused is None:
+                        _annotate(error, step + 1)
+                        raise
+                    value = float("nan")
+                if len(store) != num_in_store:
+                    names, leaves, opt = _adopt(
+                        store, names, leaves, opt, rule, guide_names, target, fisher
+                    )
+                    num_in_store = len(store)
+                step += 1
+                if refused is None and finite_loss(value) and _grads_finite(leaves):
+                    opt.step()
+                elif len(skipped) < skip_nonfinite:
+                    skipped.append(step)
+                elif refused is not None:
+                    error, sites, note = refused
+                    raise _nonfinite_error(
+                        step, value, sites, note, [], losses + [value], skipped, cause=error
+                    ) from error
+                else:
+                    bad = _nonfinite_grads(names, leaves)
+                    opt.zero_grad()
+                    sites, note = _find_nonfinite(
+                        objective, model, guide, call_args, call_kwargs, rng_state, leaves
+                    )
+                    raise _nonfinite_error(step, value, sites, note, bad, losses + [value], skipped)
+                opt.zero_grad()
+                losses.append(value)
+                finished = rule is not None and rule.update(step, value)
+                if checkpoint is not None and step % checkpoint_every == 0 and not finished:
+                    save()  # (a finished run is saved once, below)
+                if state_for_callbacks is not None:
+                    state_for_callbacks.step, state_for_callbacks.loss = step, value
+                    stopping = [cb for cb in callbacks if cb(state_for_callbacks) is True]
+                    if stopping and not finished:
+                        stop = f"stopped by the callback {_callable_name(stopping[0])}"
+                        break
+                if bar is not None and step % refresh == 0:
+                    bar.update(step - bar.n)
+                    bar.set_postfix_str(_postfix(losses, rule), refresh=False)
+                if finished:
+                    break
+    except KeyboardInterrupt:
+        stop = f"interrupted (KeyboardInterrupt) after {step} steps"
+        opt.zero_grad()
+        warnings.warn(f"fit: {stop}; returning the state reached", stacklevel=2)
+    finally:
+        if bar is not None:
+            bar.update(step - bar.n)
+            bar.set_postfix_str(_postfix(losses, rule), refresh=True)
+            bar.close()
+
+    converged = bool(rule is not None and rule.converged)
+    if stop is not None:
+        reason = stop + (f"; {rule.reason(False)}" if rule is not None else "")
+    elif converged:
+        reason = rule.reason(True)
+    elif num_steps is not None:
+        reason = f"ran num_steps={num_steps} steps (a fixed number; convergence not checked)"
+    elif rule is None:
+        reason = f"ran max_steps={max_steps} steps (convergence=None)"
+    else:
+        reason = f"max_steps={max_steps} reached without convergence: {rule.reason(False)}"
+    done = stop is None
+    if checkpoint is not None:
+        save(done=done, converged=converged, reason=reason)
+    if rule is not None:
+        rule.finish()
+    return FitResult(
+        losses=np.asarray(losses, dtype=np.float64),
+        num_steps=step,
+        converged=converged,
+        reason=reason,
+        seconds=time.perf_counter() - started,
+        skipped_steps=tuple(skipped),
+        diagnostics=rule.diagnostics() if rule is not None else {},
+        resumed_from=resumed_from,
+    )
+
+
+def _callable_name(fn):
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def _postfix(losses, rule):
+    recent = [v for v in losses[-100:] if math.isfinite(v)]
+    text = f"loss {sum(recent) / len(recent):.5g}" if recent else "loss -"
+    status = rule.status if rule is not None else ""
+    return f"{text} | {status}" if status else text
+
+
+def _adopt(store, names, leaves, opt, rule, guide_names, target, fisher):
+    """Parameters created after the first step join the optimizer (and reset the rule)."""
+    known = set(names)
+    new = [n for n in store.keys() if n not in known]
+    new_leaves = [store[n].unconstrained() for n in new]
+    pairs = [(n, leaf) for n, leaf in zip(new, new_leaves) if leaf.requires_grad]
+    if not pairs:
+        return names, leaves, opt
+    names = names + [n for n, _ in pairs]
+    leaves.extend(leaf for _, leaf in pairs)
+    opt.add([leaf for _, leaf in pairs])
+    if rule is not None:
+        warnings.warn(
+            f"fit: new parameters appeared during the run ({[n for n, _ in pairs][:4]}); the "
+            "convergence rule starts afresh, and a checkpoint of this run can only be resumed "
+            "by a model/guide that creates them before the first step.",
+            stacklevel=3,
+        )
+        rule.bind(_Context(leaves, names, guide_names, target, fisher))
+    return names, leaves, opt
+
+
+def _note(error, text):
+    if hasattr(error, "add_note"):
+        error.add_note(f"({text})")
+
+
+def _annotate(error, step):
+    """Add the step to an error raised inside a step."""
+    if hasattr(error, "add_note"):
+        error.add_note(
+            f"(raised by pyro_elbo.fit at step {step}; the parameters are left as they were "
+            f"after step {step - 1})"
+        )
+
+
+def _refused_nonfinite(error, objective, model, guide, args, kwargs, rng_state, leaves):
+    """A distribution that refused a non-finite parameter or value (Pyro's validation) is a
+    non-finite step: return ``(error, sites, note)`` naming the sites, or ``None``."""
+    if not isinstance(error, ValueError) or "invalid values" not in str(error):
+        return None
+    try:
+        sites, note = _find_nonfinite(objective, model, guide, args, kwargs, rng_state, leaves)
+    except Exception:
+        sites, note = [], ""
+    if sites or re.search(r"\b(nan|inf)\b", str(error)):
+        return error, sites, note
+    return None  # a finite value outside a support: not a NaN problem
