@@ -299,3 +299,17 @@ def test_elbo_module_for_torch_optimizers():
     params = list(module.parameters())
     assert params and all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
     assert loss.shape == ()
+
+
+def test_guide_site_with_a_different_subsampling_scale():
+    def model():
+        with pyro.plate("data", 10, subsample_size=5):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def guide():
+        m = pyro.param("m", torch.tensor(0.0))
+        with pyro.plate("data", 5):  # the guide forgot the full size
+            pyro.sample("z", dist.Normal(m, 1.0))
+
+    with pytest.raises(ModelGuideMismatchError, match="'z' has scale 2 in the model but 1"):
+        ELBO().loss(model, guide)

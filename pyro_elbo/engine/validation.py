@@ -84,12 +84,25 @@ def check_traces(model_trace, guide_trace, *, allow_enumeration: bool = False) -
                 "drawn from the prior and its density left out of the bound. Add a "
                 f"pyro.sample({name!r}, ...) statement to the guide (or use an autoguide)."
             )
+        guide_scale, model_scale = guide_sites[name]["scale"], site["scale"]
+        if not bool(torch.all(torch.as_tensor(guide_scale) == torch.as_tensor(model_scale))):
+            raise ModelGuideMismatchError(
+                f"site {name!r} has scale {_describe(model_scale)} in the model but "
+                f"{_describe(guide_scale)} in the guide (a subsampled plate of a different size, "
+                "or poutine.scale on one side only), so the bound would be silently wrong. Use "
+                "the same pyro.plate(size=..., subsample=...) in model and guide."
+            )
         guide_value = guide_sites[name]["value"]
         expected = site["fn"].shape()
         if isinstance(guide_value, torch.Tensor) and _strip_ones(guide_value.shape) != _strip_ones(
             expected
         ):
             raise _shape_error(name, guide_value.shape, expected)
+
+
+def _describe(scale):
+    scale = torch.as_tensor(scale)
+    return f"{scale.item():g}" if scale.numel() == 1 else f"a tensor of shape {tuple(scale.shape)}"
 
 
 def _shape_error(name, guide_shape, model_shape, cause=None):
