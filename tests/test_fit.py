@@ -254,8 +254,8 @@ def test_pyro_trace_elbo():
     )
     assert result.converged, result.reason
     post = oracle.posterior()
-    loc = float(pyro.param("AutoNormal.locs.loc"))
-    scale = float(pyro.param("AutoNormal.scales.loc"))
+    loc = pyro.param("AutoNormal.locs.loc").item()
+    scale = pyro.param("AutoNormal.scales.loc").item()
     # the rule stops at MCSE < 0.1 of scale: 5 MCSE is 0.5 sd for the location and
     # 5 * 0.1 / sqrt(2) = 0.35 for the log-scale (Fisher information 2)
     assert abs(loc - float(post.mean)) < 0.5 * float(post.stddev)
@@ -343,7 +343,7 @@ def test_nan_names_the_site_and_keeps_the_last_finite_parameters(validate):
     last_good = history[-1]
     for name in ("loc", "scale"):
         assert torch.equal(pyro.param(name).detach(), last_good[name])
-    assert float(pyro.param("loc")) < -1.5  # it was heading for z < -2
+    assert pyro.param("loc").item() < -1.5  # it was heading for z < -2
     assert len(error.losses) == error.step and not math.isfinite(error.losses[-1])
     if validate:  # the distribution refused NaN: the original error is chained
         assert isinstance(error.__cause__, ValueError)
@@ -459,3 +459,45 @@ def test_result_plot_draws_the_loss_trace():
     assert np.array_equal(line.get_xdata(), np.arange(1, 61))
     assert np.array_equal(line.get_ydata(), result.losses)
     assert "not converged after 60 steps" in fig.axes[0].get_title()
+
+
+def test_one_shot_iterator_of_batches_loses_no_batch():
+    seen = []
+
+    def model(x):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        seen.append(float(x))
+        pyro.sample("z", dist.Normal(pyro.param("m", torch.tensor(0.0)), 1.0))
+
+    batches = (torch.tensor(float(i)) for i in range(4))
+    result = fit(model, guide, data=batches, num_steps=10, progress=False)
+    assert result.num_steps == 4 and "exhausted after 4 steps" in result.reason
+    assert seen[-4:] == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_keyboard_interrupt_returns_the_state_reached(tmp_path):
+    oracle = NormalNormal(torch.tensor([0.5, 1.0]))
+
+    def interrupt(state):
+        if state.step == 5:
+            raise KeyboardInterrupt
+
+    path = tmp_path / "run.ckpt"
+    with pytest.warns(UserWarning, match="interrupted"):
+        result = fit(
+            oracle.model,
+            AutoNormal(oracle.model),
+            num_steps=50,
+            progress=False,
+            callbacks=(interrupt,),
+            checkpoint=path,
+        )
+    assert result.num_steps == 5 and result.reason.startswith("interrupted (KeyboardInterrupt)")
+    pyro.clear_param_store()
+    resumed = fit(
+        oracle.model, AutoNormal(oracle.model), num_steps=50, progress=False, checkpoint=path
+    )
+    assert resumed.resumed_from == 5 and resumed.num_steps == 50

@@ -37,7 +37,7 @@ is the *average* of the stationary iterates, run until its Monte Carlo standard 
    after stationarity but before the MCSE target; ``.converged`` is then False).
 
 The iterates are kept in a ring buffer of at most ``max_window`` rows (default 5000), further
-limited to ``memory`` bytes (default 256 MB); the average itself uses every iterate since
+limited to ``memory`` bytes (default 64 MB); the average itself uses every iterate since
 stationarity (a running sum), and the ESS of a longer averaging window is scaled up from the
 stored tail.  If not even ``window`` iterates fit, the rule cannot run: ``fit`` says so.
 
@@ -52,6 +52,7 @@ of windows cannot stop the run.  No averaging is done.
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 
 import pyro.poutine as poutine
@@ -207,7 +208,7 @@ class AutoConvergence(ConvergenceRule):
     :param float grow: factor by which the averaging window grows between MCSE checks (1.25).
     :param int fisher_draws: guide draws for the Fisher-information scale (32).
     :param int max_window: most iterates kept (5000).
-    :param int memory: most bytes for the stored iterates (256 MB).
+    :param int memory: most bytes for the stored iterates (64 MB).
     """
 
     def __init__(
@@ -221,7 +222,7 @@ class AutoConvergence(ConvergenceRule):
         grow: float = 1.25,
         fisher_draws: int = 32,
         max_window: int = 5000,
-        memory: int = 256 * 2**20,
+        memory: int = 64 * 2**20,
     ):
         _positive_int("window", window, minimum=4)
         _positive_int("max_window", max_window, minimum=window)
@@ -252,8 +253,11 @@ class AutoConvergence(ConvergenceRule):
     def bind(self, context) -> None:
         self._context = context
         leaves = context.leaves
-        self._views = [leaf.detach().reshape(-1) for leaf in leaves]
-        self._sizes = [v.numel() for v in self._views]
+        # flat views share the leaves' storage: they follow the optimizer's in-place updates
+        self._contiguous = all(leaf.is_contiguous() for leaf in leaves)
+        self._leaves = [leaf.detach() for leaf in leaves]
+        self._views = [leaf.view(-1) if leaf.is_contiguous() else leaf for leaf in self._leaves]
+        self._sizes = [leaf.numel() for leaf in leaves]
         self._dim = sum(self._sizes)
         dtype = torch.promote_types(torch.float32, _common_dtype(leaves))
         item = torch.empty((), dtype=dtype).element_size()
@@ -266,14 +270,12 @@ class AutoConvergence(ConvergenceRule):
             if self.enabled
             else None
         )
-        self._is_guide = torch.tensor(
-            [
-                name in context.guide_names
-                for name, size in zip(context.names, self._sizes)
-                for _ in range(size)
-            ],
-            dtype=torch.bool,
-            device=device,
+        if not self.enabled:
+            warnings.warn(f"fit: {self.reason(False)}", stacklevel=4)
+        self._rows = list(self._buffer.unbind(0)) if self.enabled else []
+        owned = torch.tensor([name in context.guide_names for name in context.names])
+        self._is_guide = owned.repeat_interleave(torch.tensor(self._sizes, dtype=torch.long)).to(
+            device
         )
         self._reset()
 
@@ -292,8 +294,11 @@ class AutoConvergence(ConvergenceRule):
     def update(self, step: int, loss: float) -> bool:
         if not self.enabled:
             return False
-        row = self._buffer[self._head]
-        torch.cat(self._views, out=row)
+        row = self._rows[self._head]
+        if self._contiguous:
+            torch.cat(self._views, out=row)
+        else:
+            torch.cat([leaf.reshape(-1) for leaf in self._leaves], out=row)
         self._head = (self._head + 1) % self.capacity
         self._filled = min(self._filled + 1, self.capacity)
         self._count += 1
@@ -419,11 +424,20 @@ class AutoConvergence(ConvergenceRule):
                 f"MCSE {last['mcse']:.3g} < {self.mcse} of scale (ESS >= {last['ess']:.0f})"
             )
         if self._sum is not None:
+            if last["mcse"] >= self.mcse:
+                short = (
+                    f"the MCSE of the average, {last['mcse']:.3g} of scale at "
+                    f"{last['mcse_worst']!r}, is not yet < {self.mcse}"
+                )
+            else:
+                short = (
+                    f"the MCSE of the average is {last['mcse']:.3g} of scale but its ESS, "
+                    f"{last['ess']:.0f}, is not yet > {self.ess_min:g}"
+                )
             return (
                 f"stationary from step {self._avg_from_step} (split-R-hat {last['rhat']:.3f}), "
-                f"but the MCSE of the average, {last['mcse']:.3g} of scale at "
-                f"{last['mcse_worst']!r} (ESS {last['ess']:.0f}), is not yet < {self.mcse}; "
-                "the parameters are the average of the stationary iterates. Raise max_steps."
+                f"but {short}; the parameters are the average of the {last['averaged']} "
+                "stationary iterates. Raise max_steps."
             )
         if "rhat" in last:
             return (

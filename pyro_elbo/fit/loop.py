@@ -27,6 +27,7 @@ What it does, in order:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -273,14 +274,24 @@ class _Batches:
         self.epoch, self.index = 0, 0
         self._iterator = None
         self._epoch_rng = None
+        self._pending = None  # a one-shot iterator's first batch, taken by the checks
 
     def first(self):
+        """The first batch, for the checks before step 1 (not consumed from the epoch)."""
         try:
+            if iter(self.data) is self.data:  # a one-shot iterator: keep the batch
+                self._start()
+                self._pending = next(self._iterator)
+                return self._pending
             return next(iter(self.data))
         except StopIteration:
             raise ValueError("fit: data yielded no batches") from None
 
     def next(self):
+        if self._pending is not None:
+            batch, self._pending = self._pending, None
+            self.index += 1
+            return batch
         if self._iterator is None:
             self._start()
         try:
@@ -548,7 +559,7 @@ def fit(
         or ``None`` (run ``max_steps``).
     :param checkpoint: a file path; saved every ``checkpoint_every`` (500) steps and at the end.
     :param bool resume: continue from ``checkpoint`` when the file exists (refused, with an error,
-        if it belongs to other parameters).
+        if it belongs to other parameters).  A finished run is restored without stepping.
     :param seed: seeds torch, numpy and Python (``pyro.set_rng_seed``) before anything runs.
     :param callbacks: functions called as ``callback(state)`` after each step with a
         :class:`FitState`; one returning ``True`` stops the run.
@@ -559,6 +570,8 @@ def fit(
     :param int skip_nonfinite: skip up to this many steps whose loss or gradient is non-finite
         (no update) before raising :class:`NonFiniteError` (default 0: raise at the first).
     :returns: a :class:`FitResult`.
+
+    A ``KeyboardInterrupt`` ends the run early: the state reached is checkpointed and returned.
     """
     started = time.perf_counter()
     if compile:
@@ -567,111 +580,161 @@ def fit(
             "fit yet. Use compile=False, or pyro_elbo.fast.compile_step for a compiled step."
         )
     check_steps(num_steps, max_steps, checkpoint_every, skip_nonfinite)
-    objective = check_objective(loss)
-    optim = check_optim(optim)
     if num_steps is not None and convergence not in ("auto", None, False):
         raise ValueError(
             "fit: num_steps runs a fixed number of steps, so a convergence rule cannot stop it; "
             "pass max_steps=... instead of num_steps to stop on convergence."
         )
-    rule = None if num_steps is not None else make_rule(convergence)
-    target = int(num_steps if num_steps is not None else max_steps)
-    show = _show_progress(progress)
     callbacks = tuple(callbacks) if callbacks is not None else ()
     for index, callback in enumerate(callbacks):
         if not callable(callback):
             raise TypeError(f"fit: callbacks[{index}] is not callable: {callback!r}")
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"fit: seed must be an integer or None, got {seed!r}")
-        pyro.set_rng_seed(seed)
-    if checkpoint is not None:
-        checkpoint = os.fspath(checkpoint)
-
-    batches = _Batches(data) if data is not None else None
-    call_args, call_kwargs = (
-        _with_batch(args, kwargs, batches.first()) if batches is not None else (args, kwargs)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"fit: seed must be an integer or None, got {seed!r}")
+    run = _Run(
+        model,
+        guide,
+        args,
+        kwargs,
+        objective=check_objective(loss),
+        optim=check_optim(optim),
+        rule=None if num_steps is not None else make_rule(convergence),
+        num_steps=num_steps,
+        max_steps=max_steps,
+        show=_show_progress(progress),
+        callbacks=callbacks,
+        checkpoint=None if checkpoint is None else os.fspath(checkpoint),
+        checkpoint_every=checkpoint_every,
+        skip_nonfinite=skip_nonfinite,
+        batches=_Batches(data) if data is not None else None,
     )
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    run.prepare()
+    if run.checkpoint is not None and resume and os.path.exists(run.checkpoint):
+        finished = run.resume()
+        if finished is not None:
+            return dataclasses.replace(finished, seconds=time.perf_counter() - started)
+    run.loop()
+    return run.finish(time.perf_counter() - started)
 
-    # ---- checks before step 1, and the parameters
-    pre = check_model_guide(model, guide, objective, call_args, call_kwargs)
-    # One evaluation of the objective triggers its lazy set-up (plate guessing, validation) now,
-    # so that a resumed run draws the same random numbers as an uninterrupted one, and records
-    # every parameter it reads.  A non-finite draw is retried up to skip_nonfinite times.
-    store = pyro.get_param_store()
-    names = sorted({*pre.guide_params, *pre.model_params}, key=str)
-    for attempt in range(skip_nonfinite + 1):
-        rng_before = torch.get_rng_state()
-        refused = None
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
-            with poutine.trace(param_only=True) as capture:
-                try:
-                    initial = float(objective.loss(model, guide, *call_args, **call_kwargs))
-                except Exception as error:
-                    leaves = [store[n].unconstrained() for n in names if n in store]
-                    refused = _refused_nonfinite(
-                        error, objective, model, guide, call_args, call_kwargs, rng_before, leaves
-                    )
-                    if refused is None:
-                        _note(error, "raised by the objective in fit's check before step 1")
-                        raise
-                    initial = float("nan")
-        if math.isfinite(initial):
-            break
-        if attempt == skip_nonfinite:
-            leaves = [store[n].unconstrained() for n in names if n in store]
-            if refused is not None:
-                raise _nonfinite_error(0, initial, refused[1], "", [], [], [], cause=refused[0])
-            sites, note = _find_nonfinite(
-                objective, model, guide, call_args, call_kwargs, rng_before, leaves
-            )
-            raise _nonfinite_error(0, initial, sites, note, [], [], [])
-    names = sorted({*names, *capture.trace.nodes}, key=str)
-    names = [n for n in names if n in store]
-    check_has_params(pre, guide)
-    leaves = [store[name].unconstrained() for name in names]
-    keep = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
-    names, leaves = [names[i] for i in keep], [leaves[i] for i in keep]
-    opt = _make_optimizer(optim, leaves, names)
-    guide_names = set(pre.guide_params)
 
-    losses: list[float] = []
-    skipped: list[int] = []
-    step = 0
-    current = {"args": call_args, "kwargs": call_kwargs}
+class _Run:
+    """The state of one ``fit`` call: set-up, resume, the loop, checkpoints and the result."""
 
-    def fisher():
+    def __init__(self, model, guide, args, kwargs, **settings):
+        self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
+        for name, value in settings.items():
+            setattr(self, name, value)
+        self.target = int(self.num_steps if self.num_steps is not None else self.max_steps)
+        self.losses: list[float] = []
+        self.skipped: list[int] = []
+        self.step = 0
+        self.stop = None  # why the loop ended early
+        self.resumed_from = None
+
+    # -------------------------------------------------------------- before step 1
+    def prepare(self):
+        """Checks before step 1, the parameters, the optimizer and the convergence rule."""
+        model, guide, objective = self.model, self.guide, self.objective
+        if self.batches is not None:
+            self.call = _with_batch(self.args, self.kwargs, self.batches.first())
+        else:
+            self.call = (self.args, self.kwargs)
+        args, kwargs = self.call
+        pre = check_model_guide(model, guide, objective, args, kwargs)
+        check_has_params(pre, guide)
+        store = self.store = pyro.get_param_store()
+        names = self._initial_evaluation(sorted({*pre.guide_params, *pre.model_params}, key=str))
+        leaves = [store[name].unconstrained() for name in names]
+        keep = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
+        self.names = [names[i] for i in keep]
+        self.leaves = [leaves[i] for i in keep]
+        self.opt = _make_optimizer(self.optim, self.leaves, self.names)
+        self.guide_names = set(pre.guide_params)
+        if self.rule is not None:
+            self.rule.bind(self._context())
+
+    def _initial_evaluation(self, names):
+        """Evaluate the objective once: it runs its lazy set-up (plate guessing, validation) now,
+        so that a resumed run draws the same random numbers as an uninterrupted one, and it
+        shows every parameter the objective reads.  A non-finite draw is retried up to
+        ``skip_nonfinite`` times, then reported as :class:`NonFiniteError` at step 0."""
+        args, kwargs = self.call
+        for attempt in range(self.skip_nonfinite + 1):
+            rng_state = torch.get_rng_state()
+            refused = None
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
+                with poutine.trace(param_only=True) as capture:
+                    try:
+                        value = float(self.objective.loss(self.model, self.guide, *args, **kwargs))
+                    except Exception as error:
+                        refused = self._refused(error, rng_state, self._leaves_of(names))
+                        if refused is None:
+                            _note(error, "raised by the objective in fit's check before step 1")
+                            raise
+                        value = float("nan")
+            if math.isfinite(value):
+                found = {*names, *capture.trace.nodes}
+                return [n for n in sorted(found, key=str) if n in self.store]
+            if attempt == self.skip_nonfinite:
+                if refused is not None:
+                    raise _nonfinite_error(0, value, refused[1], "", [], [], [], cause=refused[0])
+                sites, note = self._find(rng_state, self._leaves_of(names))
+                raise _nonfinite_error(0, value, sites, note, [], [], [])
+        raise AssertionError("unreachable")
+
+    def _leaves_of(self, names):
+        return [self.store[n].unconstrained() for n in names if n in self.store]
+
+    def _context(self):
+        return _Context(self.leaves, self.names, self.guide_names, self.target, self._fisher)
+
+    def _fisher(self):
+        args, kwargs = self.call
         return fisher_diagonal(
-            guide,
-            current["args"],
-            current["kwargs"],
-            leaves,
-            num_draws=getattr(rule, "fisher_draws", 32),
-            seed=fisher_seed(step),
+            self.guide,
+            args,
+            kwargs,
+            self.leaves,
+            num_draws=getattr(self.rule, "fisher_draws", 32),
+            seed=fisher_seed(self.step),
         )
 
-    if rule is not None:
-        rule.bind(_Context(leaves, names, guide_names, target, fisher))
+    def _find(self, rng_state, leaves):
+        args, kwargs = self.call
+        return _find_nonfinite(
+            self.objective, self.model, self.guide, args, kwargs, rng_state, leaves
+        )
 
-    # ---- resume
-    resumed_from = None
-    if checkpoint is not None and resume and os.path.exists(checkpoint):
-        state = ckpt.load(checkpoint)
-        ckpt.check_fingerprint(state["fingerprint"], ckpt.fingerprint(names, leaves), checkpoint)
-        if state["optim"]["kind"] != opt.kind:
+    def _refused(self, error, rng_state, leaves):
+        args, kwargs = self.call
+        return _refused_nonfinite(
+            error, self.objective, self.model, self.guide, args, kwargs, rng_state, leaves
+        )
+
+    # -------------------------------------------------------------- checkpoints
+    def resume(self):
+        """Restore the checkpoint; return a result if it holds a finished run, else ``None``."""
+        path, rule = self.checkpoint, self.rule
+        state = ckpt.load(path)
+        ckpt.check_fingerprint(
+            state["fingerprint"], ckpt.fingerprint(self.names, self.leaves), path
+        )
+        if state["optim"]["kind"] != self.opt.kind:
             raise ckpt.CheckpointMismatchError(
-                f"the checkpoint {checkpoint!r} holds the state of a {state['optim']['kind']} "
-                f"optimizer but this run uses a {opt.kind} one ({type(opt.optimizer).__name__}); "
+                f"the checkpoint {path!r} holds the state of a {state['optim']['kind']} optimizer "
+                f"but this run uses a {self.opt.kind} one ({type(self.opt.optimizer).__name__}); "
                 "pass the same kind of optim, or resume=False to start over."
             )
         with torch.no_grad():
-            for name, leaf in zip(names, leaves):
+            for name, leaf in zip(self.names, self.leaves):
                 leaf.copy_(state["params"][name])
-        opt.load_state_dict(state["optim"]["state"])
-        step = int(state["step"])
-        losses = [float(v) for v in state["losses"].tolist()]
-        skipped = [int(s) for s in state["skipped"]]
+        self.opt.load_state_dict(state["optim"]["state"])
+        self.step = int(state["step"])
+        self.losses = [float(v) for v in state["losses"].tolist()]
+        self.skipped = [int(s) for s in state["skipped"]]
         saved_rule = state.get("rule")
         if rule is not None:
             if saved_rule is not None and saved_rule["type"] == type(rule).__name__:
@@ -681,165 +744,194 @@ def fit(
                     f"fit: the checkpoint's convergence state ({saved_rule and saved_rule['type']})"
                     f" does not match this run's rule ({type(rule).__name__}); the rule starts "
                     "afresh at the resumed step.",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
-        if state.get("objective") != repr(objective):
+        if state.get("objective") != repr(self.objective):
             warnings.warn(
                 f"fit: resuming a checkpoint written with the objective {state.get('objective')}"
-                f" under {objective!r}",
-                stacklevel=2,
+                f" under {self.objective!r}",
+                stacklevel=3,
             )
-        if batches is not None and state.get("data") is not None:
-            batches.load_state_dict(state["data"])
-        ckpt.set_rng_state(state["rng"])
-        resumed_from = step
-        if state["done"] and (state["converged"] or step >= target):
+        if self.batches is not None and state.get("data") is not None:
+            self.batches.load_state_dict(state["data"])
+        ckpt.set_rng_state(state["rng"])  # last: the data loader's replay above draws too
+        self.resumed_from = self.step
+        if state["done"] and (state["converged"] or self.step >= self.target):
             if rule is not None:
                 rule.finish()
-            return FitResult(
-                losses=np.asarray(losses, dtype=np.float64),
-                num_steps=step,
-                converged=bool(state["converged"]),
-                reason=f"restored from the finished checkpoint {checkpoint!r}: {state['reason']}",
-                seconds=time.perf_counter() - started,
-                skipped_steps=tuple(skipped),
-                diagnostics=rule.diagnostics() if rule is not None else {},
-                resumed_from=resumed_from,
+            return self._result(
+                bool(state["converged"]),
+                f"restored from the finished checkpoint {path!r}: {state['reason']}",
+                0.0,
             )
+        return None
 
-    def save(done=False, converged=False, reason=""):
+    def save(self, done=False, converged=False, reason=""):
+        rule = self.rule
         ckpt.save_atomic(
             {
                 "format": ckpt.FORMAT,
-                "fingerprint": ckpt.fingerprint(names, leaves),
-                "params": {name: leaf.detach() for name, leaf in zip(names, leaves)},
-                "optim": {"kind": opt.kind, "state": opt.state_dict()},
+                "fingerprint": ckpt.fingerprint(self.names, self.leaves),
+                "params": {name: leaf.detach() for name, leaf in zip(self.names, self.leaves)},
+                "optim": {"kind": self.opt.kind, "state": self.opt.state_dict()},
                 "rng": ckpt.get_rng_state(),
-                "step": step,
-                "losses": torch.tensor(losses, dtype=torch.float64),
-                "skipped": list(skipped),
+                "step": self.step,
+                "losses": torch.tensor(self.losses, dtype=torch.float64),
+                "skipped": list(self.skipped),
                 "rule": None
                 if rule is None
                 else {"type": type(rule).__name__, "state": rule.state_dict()},
-                "data": batches.state_dict() if batches is not None else None,
-                "objective": repr(objective),
+                "data": self.batches.state_dict() if self.batches is not None else None,
+                "objective": repr(self.objective),
                 "done": done,
                 "converged": converged,
                 "reason": reason,
             },
-            checkpoint,
+            self.checkpoint,
         )
 
-    # ---- the loop
-    step_fn = objective.loss_and_grads
-    state_for_callbacks = (
-        FitState(losses, objective, opt.optimizer, rule, names) if callbacks else None
-    )
-    bar = _progress_bar(show, target, step)
-    refresh = 50
-    num_in_store = len(store)
-    stop = None  # why the loop ended early
-    finite_loss = math.isfinite
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
-            warnings.filterwarnings("ignore", message="Encountered \\+?-?inf", category=UserWarning)
-            while step < target:
-                if batches is not None:
+    # -------------------------------------------------------------- the loop
+    def loop(self):
+        """The steps.  Everything that can be done once is done before; names are bound to
+        locals so that the per-step work is the objective, the optimizer and a few checks."""
+        model, guide, objective, rule = self.model, self.guide, self.objective, self.rule
+        step_fn = objective.loss_and_grads
+        losses, skipped, store = self.losses, self.skipped, self.store
+        batches, callbacks, opt, leaves = self.batches, self.callbacks, self.opt, self.leaves
+        checkpoint, every = self.checkpoint, self.checkpoint_every
+        target, skip_limit = self.target, self.skip_nonfinite
+        args, kwargs = self.call
+        state = FitState(losses, objective, self.opt.optimizer, rule, self.names)
+        bar = _progress_bar(self.show, target, self.step)
+        num_in_store = len(store)
+        finite = math.isfinite
+        step = self.step
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
+                warnings.filterwarnings(
+                    "ignore", message="Encountered \\+?-?inf", category=UserWarning
+                )
+                while step < target:
+                    if batches is not None:
+                        try:
+                            batch = batches.next()
+                        except StopIteration:
+                            self.stop = f"the data iterator was exhausted after {step} steps"
+                            break
+                        args, kwargs = self.call = _with_batch(self.args, self.kwargs, batch)
+                    rng_state = torch.get_rng_state()  # to re-run a failing step's draws
+                    refused = None
                     try:
-                        batch = batches.next()
-                    except StopIteration:
-                        stop = f"the data iterator was exhausted after {step} steps"
-                        break
-                    call_args, call_kwargs = _with_batch(args, kwargs, batch)
-                    current["args"], current["kwargs"] = call_args, call_kwargs
-                rng_state = torch.get_rng_state()
-                refused = None
-                try:
-                    value = float(step_fn(model, guide, *call_args, **call_kwargs))
-                except Exception as error:
+                        value = float(step_fn(model, guide, *args, **kwargs))
+                    except Exception as error:
+                        opt.zero_grad()
+                        refused = self._refused(error, rng_state, leaves)
+                        if refused is None:
+                            _annotate(error, step + 1)
+                            raise
+                        value = float("nan")
+                    if len(store) != num_in_store:
+                        self._adopt()
+                        num_in_store = len(store)
+                    self.step = step = step + 1
+                    if refused is None and finite(value) and _grads_finite(leaves):
+                        opt.step()
+                    elif len(skipped) < skip_limit:
+                        skipped.append(step)
+                    else:
+                        self._raise_nonfinite(value, refused, rng_state)
                     opt.zero_grad()
-                    refused = _refused_nonfinite(
-                        error, objective, model, guide, call_args, call_kwargs, rng_state, leaves
-                    )
-                    if refused is None:
-                        _annotate(error, step + 1)
-                        raise
-                    value = float("nan")
-                if len(store) != num_in_store:
-                    names, leaves, opt = _adopt(
-                        store, names, leaves, opt, rule, guide_names, target, fisher
-                    )
-                    num_in_store = len(store)
-                step += 1
-                if refused is None and finite_loss(value) and _grads_finite(leaves):
-                    opt.step()
-                elif len(skipped) < skip_nonfinite:
-                    skipped.append(step)
-                elif refused is not None:
-                    error, sites, note = refused
-                    raise _nonfinite_error(
-                        step, value, sites, note, [], losses + [value], skipped, cause=error
-                    ) from error
-                else:
-                    bad = _nonfinite_grads(names, leaves)
-                    opt.zero_grad()
-                    sites, note = _find_nonfinite(
-                        objective, model, guide, call_args, call_kwargs, rng_state, leaves
-                    )
-                    raise _nonfinite_error(step, value, sites, note, bad, losses + [value], skipped)
-                opt.zero_grad()
-                losses.append(value)
-                finished = rule is not None and rule.update(step, value)
-                if checkpoint is not None and step % checkpoint_every == 0 and not finished:
-                    save()  # (a finished run is saved once, below)
-                if state_for_callbacks is not None:
-                    state_for_callbacks.step, state_for_callbacks.loss = step, value
-                    stopping = [cb for cb in callbacks if cb(state_for_callbacks) is True]
-                    if stopping and not finished:
-                        stop = f"stopped by the callback {_callable_name(stopping[0])}"
+                    losses.append(value)
+                    finished = rule is not None and rule.update(step, value)
+                    if checkpoint is not None and step % every == 0 and not finished:
+                        self.save()  # (the end of the run is saved by finish)
+                    if callbacks:
+                        state.step, state.loss = step, value
+                        stopping = [cb for cb in callbacks if cb(state) is True]
+                        if stopping and not finished:
+                            self.stop = f"stopped by the callback {_callable_name(stopping[0])}"
+                            break
+                    if bar is not None and step % 50 == 0:
+                        bar.update(step - bar.n)
+                        bar.set_postfix_str(_postfix(losses, rule), refresh=False)
+                    if finished:
                         break
-                if bar is not None and step % refresh == 0:
-                    bar.update(step - bar.n)
-                    bar.set_postfix_str(_postfix(losses, rule), refresh=False)
-                if finished:
-                    break
-    except KeyboardInterrupt:
-        stop = f"interrupted (KeyboardInterrupt) after {step} steps"
-        opt.zero_grad()
-        warnings.warn(f"fit: {stop}; returning the state reached", stacklevel=2)
-    finally:
-        if bar is not None:
-            bar.update(step - bar.n)
-            bar.set_postfix_str(_postfix(losses, rule), refresh=True)
-            bar.close()
+        except KeyboardInterrupt:
+            self.stop = f"interrupted (KeyboardInterrupt) after {self.step} steps"
+            self.opt.zero_grad()
+            warnings.warn(f"fit: {self.stop}; returning the state reached", stacklevel=3)
+        finally:
+            if bar is not None:
+                bar.update(self.step - bar.n)
+                bar.set_postfix_str(_postfix(losses, rule), refresh=True)
+                bar.close()
 
-    converged = bool(rule is not None and rule.converged)
-    if stop is not None:
-        reason = stop + (f"; {rule.reason(False)}" if rule is not None else "")
-    elif converged:
-        reason = rule.reason(True)
-    elif num_steps is not None:
-        reason = f"ran num_steps={num_steps} steps (a fixed number; convergence not checked)"
-    elif rule is None:
-        reason = f"ran max_steps={max_steps} steps (convergence=None)"
-    else:
-        reason = f"max_steps={max_steps} reached without convergence: {rule.reason(False)}"
-    done = stop is None
-    if checkpoint is not None:
-        save(done=done, converged=converged, reason=reason)
-    if rule is not None:
-        rule.finish()
-    return FitResult(
-        losses=np.asarray(losses, dtype=np.float64),
-        num_steps=step,
-        converged=converged,
-        reason=reason,
-        seconds=time.perf_counter() - started,
-        skipped_steps=tuple(skipped),
-        diagnostics=rule.diagnostics() if rule is not None else {},
-        resumed_from=resumed_from,
-    )
+    def _raise_nonfinite(self, value, refused, rng_state):
+        step, losses = self.step, self.losses + [value]
+        if refused is not None:
+            error, sites, note = refused
+            raise _nonfinite_error(
+                step, value, sites, note, [], losses, self.skipped, cause=error
+            ) from error
+        bad = _nonfinite_grads(self.names, self.leaves)
+        self.opt.zero_grad()
+        sites, note = self._find(rng_state, self.leaves)
+        raise _nonfinite_error(step, value, sites, note, bad, losses, self.skipped)
+
+    def _adopt(self):
+        """Parameters created after the first step join the optimizer (and reset the rule)."""
+        known = set(self.names)
+        new = [(n, self.store[n].unconstrained()) for n in self.store.keys() if n not in known]
+        new = [(n, leaf) for n, leaf in new if leaf.requires_grad]
+        if not new:
+            return
+        self.names.extend(n for n, _ in new)
+        self.leaves.extend(leaf for _, leaf in new)
+        self.opt.add([leaf for _, leaf in new])
+        if self.rule is not None:
+            warnings.warn(
+                f"fit: new parameters appeared during the run ({[n for n, _ in new][:4]}); the "
+                "convergence rule starts afresh, and a checkpoint of this run can only be "
+                "resumed by a model/guide that creates them before the first step.",
+                stacklevel=4,
+            )
+            self.rule.bind(self._context())
+
+    # -------------------------------------------------------------- the result
+    def finish(self, seconds) -> FitResult:
+        rule, stop = self.rule, self.stop
+        converged = bool(rule is not None and rule.converged)
+        if stop is not None:
+            reason = stop + (f"; {rule.reason(False)}" if rule is not None else "")
+        elif converged:
+            reason = rule.reason(True)
+        elif self.num_steps is not None:
+            reason = (
+                f"ran num_steps={self.num_steps} steps (a fixed number; convergence not checked)"
+            )
+        elif rule is None:
+            reason = f"ran max_steps={self.max_steps} steps (convergence=None)"
+        else:
+            reason = f"max_steps={self.max_steps} reached without convergence: {rule.reason(False)}"
+        if self.checkpoint is not None:
+            # the last iterate, before averaging: a longer resumed run continues exactly
+            self.save(done=stop is None, converged=converged, reason=reason)
+        if rule is not None:
+            rule.finish()
+        return self._result(converged, reason, seconds)
+
+    def _result(self, converged, reason, seconds) -> FitResult:
+        return FitResult(
+            losses=np.asarray(self.losses, dtype=np.float64),
+            num_steps=self.step,
+            converged=converged,
+            reason=reason,
+            seconds=seconds,
+            skipped_steps=tuple(self.skipped),
+            diagnostics=self.rule.diagnostics() if self.rule is not None else {},
+            resumed_from=self.resumed_from,
+        )
 
 
 def _callable_name(fn):
@@ -851,28 +943,6 @@ def _postfix(losses, rule):
     text = f"loss {sum(recent) / len(recent):.5g}" if recent else "loss -"
     status = rule.status if rule is not None else ""
     return f"{text} | {status}" if status else text
-
-
-def _adopt(store, names, leaves, opt, rule, guide_names, target, fisher):
-    """Parameters created after the first step join the optimizer (and reset the rule)."""
-    known = set(names)
-    new = [n for n in store.keys() if n not in known]
-    new_leaves = [store[n].unconstrained() for n in new]
-    pairs = [(n, leaf) for n, leaf in zip(new, new_leaves) if leaf.requires_grad]
-    if not pairs:
-        return names, leaves, opt
-    names = names + [n for n, _ in pairs]
-    leaves.extend(leaf for _, leaf in pairs)
-    opt.add([leaf for _, leaf in pairs])
-    if rule is not None:
-        warnings.warn(
-            f"fit: new parameters appeared during the run ({[n for n, _ in pairs][:4]}); the "
-            "convergence rule starts afresh, and a checkpoint of this run can only be resumed "
-            "by a model/guide that creates them before the first step.",
-            stacklevel=3,
-        )
-        rule.bind(_Context(leaves, names, guide_names, target, fisher))
-    return names, leaves, opt
 
 
 def _note(error, text):

@@ -399,12 +399,14 @@ def _check_supports(model_sites, guide_sites):
 
 
 def _same(a, b):
-    return (
-        type(a) is type(b)
-        and repr(a) == repr(b)
-        and vars(a).keys() == vars(b).keys()
-        and all(_equal(vars(a)[k], vars(b)[k]) for k in vars(a))
-    )
+    """Structural equality of two constraints (same type and attributes)."""
+    if type(a) is not type(b):
+        return False
+    try:
+        attrs_a, attrs_b = vars(a), vars(b)
+    except TypeError:
+        return False
+    return attrs_a.keys() == attrs_b.keys() and all(_equal(attrs_a[k], attrs_b[k]) for k in attrs_a)
 
 
 def _equal(x, y):
