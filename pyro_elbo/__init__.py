@@ -9,7 +9,7 @@ from pyro_elbo.diagnostics.arviz import loo, to_inference_data
 from pyro_elbo.diagnostics.check import CheckResult, check
 from pyro_elbo.diagnostics.gradient_variance import GradientVariance, gradient_variance
 from pyro_elbo.diagnostics.trust import Diagnosis, EvidenceBounds, diagnose, evidence_bounds
-from pyro_elbo.fit import fit
+from pyro_elbo.fit import FitResult, NonFiniteError, fit
 from pyro_elbo.guides.posterior import posterior_of
 from pyro_elbo.objectives.cubo import CUBO
 from pyro_elbo.objectives.elbo import ELBO
@@ -31,6 +31,8 @@ __all__ = [
     "conjugate",
     "diagnose",
     "evidence_bounds",
+    "FitResult",
+    "NonFiniteError",
     "fit",
     "gradient_variance",
     "loo",

@@ -74,7 +74,9 @@ def check_traces(model_trace, guide_trace, *, allow_enumeration: bool = False) -
         if site["is_observed"]:
             continue
         if name not in guide_sites:
-            if not allow_enumeration and site["infer"].get("enumerate"):
+            if allow_enumeration and site["infer"].get("enumerate"):
+                continue  # summed out by an enumerating objective
+            if site["infer"].get("enumerate"):
                 raise NotImplementedError(
                     f"model site {name!r} is enumerated; this objective cannot sum it out. "
                     "Use pyro.infer.TraceEnum_ELBO, or sample the site in the guide."
