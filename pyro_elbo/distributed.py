@@ -300,13 +300,14 @@ def _inspect_data(data):
     )
 
 
-def _data_device(data):
+def _data_device(data) -> str:
+    """The data's device type: CUDA data means ``cuda:LOCAL_RANK`` on every rank."""
     tensors = (data,) if isinstance(data, torch.Tensor) else data
     if isinstance(tensors, (tuple, list)):
         for t in tensors:
             if isinstance(t, torch.Tensor):
-                return t.device
-    return torch.device("cpu")
+                return t.device.type
+    return "cpu"
 
 
 # ---------------------------------------------------------------------------------- optimizer
@@ -584,8 +585,9 @@ def fit_distributed(
     :param int seed: rank r seeds Pyro's RNGs (torch, random, numpy) with ``seed + r``;
         the data permutation of each epoch uses ``seed`` on all ranks.
     :param backend: ``"gloo"`` or ``"nccl"``; default from the device (nccl on CUDA).
-    :param device: where each rank computes; default the data's device (CUDA data: each rank
-        uses ``cuda:LOCAL_RANK``).
+    :param device: where each rank computes; default the data's device type (CUDA data: each
+        rank uses ``cuda:LOCAL_RANK``, so create the data and the model's tensors there, e.g. on
+        ``init_distributed(device="cuda").device``).
     :param checkpoint: a file path: rank 0 writes ``{step, params, optimizer, rng, losses}``
         there every ``checkpoint_every`` steps and at the end.
     :param bool resume: when ``checkpoint`` exists, continue from it (rank 0 reads it and sends

@@ -23,7 +23,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer.autoguide import AutoDelta, AutoMultivariateNormal
+from pyro.infer.autoguide import AutoDelta, AutoMultivariateNormal, init_to_mean
 
 from pyro_elbo.conjugate import LinearRegression
 from pyro_elbo.distributed import (
@@ -58,11 +58,13 @@ def _make_model(oracle, draws=None):
     return model
 
 
-def _fit_map(checkpoint=None):
+def _fit_map(checkpoint=None, device=None, **guide_options):
     pyro.clear_param_store()
     oracle = _oracle(MAP["N"], MAP["D"], seed=0)
+    if device is not None:
+        oracle.to(device)
     model = _make_model(oracle)
-    guide = AutoDelta(model)
+    guide = AutoDelta(model, **guide_options)
     result = fit_distributed(
         model,
         guide,
@@ -74,7 +76,7 @@ def _fit_map(checkpoint=None):
         checkpoint=checkpoint,
         checkpoint_every=30,
     )
-    params = {n: pyro.param(n).detach().clone() for n in result.param_names}
+    params = {n: pyro.param(n).detach().cpu().clone() for n in result.param_names}
     return result, params
 
 
@@ -196,6 +198,29 @@ def test_each_rank_draws_its_own_particles(two_ranks):
     a, b = ranks[0]["mvn_last_draw"], ranks[1]["mvn_last_draw"]
     assert a.shape == b.shape == (MVN["particles"] // 2, 1, MVN["D"])
     assert not torch.allclose(a, b)
+
+
+def _cuda_worker(outdir):
+    ctx = init_distributed(device="cuda", timeout=timedelta(seconds=120))
+    assert ctx.backend == "nccl" and ctx.device == torch.device("cuda", ctx.rank)
+    result, params = _fit_map(device=ctx.device, init_loc_fn=init_to_mean)
+    assert result.device == ctx.device
+    if ctx.rank == 0:
+        torch.save({"params": params, "losses": result.losses}, os.path.join(outdir, "cuda.pt"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.distributed.is_nccl_available()),
+    reason="needs CUDA and NCCL",
+)
+def test_nccl_on_cuda_follows_the_cpu_trajectory(tmp_path):
+    launch(_cuda_worker, str(tmp_path), nprocs=min(2, torch.cuda.device_count()))
+    cuda = torch.load(tmp_path / "cuda.pt", weights_only=False)
+    cpu, params = _fit_map(init_loc_fn=init_to_mean)  # CUDA and CPU draw different numbers
+    torch.testing.assert_close(torch.tensor(cuda["losses"]), torch.tensor(cpu.losses))
+    for name, value in params.items():
+        torch.testing.assert_close(cuda["params"][name], value)
 
 
 # ------------------------------------------------------------------------------ one process
