@@ -532,8 +532,20 @@ def test_iw_bounds_reject_a_global_latent_with_subsampling(objective):
 def test_iwelbo_rejects_mixed_scales():
     model, guide, _ = local_latent_problem()
     scaled_model = pyro.poutine.scale(model, scale=2.0)
-    with pytest.raises(ValueError, match="different scales"):
+    # a scale on one side only is caught by the model/guide check, which names the site
+    with pytest.raises(ValueError, match="'z' has scale 2 in the model but 1 in the guide"):
         IWELBO(4).loss(scaled_model, guide)
+    # a scale on the observation only leaves the sites of one particle with different scales
+    data = pyro.poutine.trace(model).get_trace().nodes["x"]["value"]
+
+    def model_with_scaled_likelihood(subsample_size=None):
+        with pyro.plate("data", NUM_LOCAL, subsample_size=subsample_size):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with pyro.poutine.scale(scale=2.0):
+                pyro.sample("x", dist.Normal(z, 1.0), obs=data)
+
+    with pytest.raises(ValueError, match=r"sites 'z' and 'x' carry different scales \(1 and 2\)"):
+        IWELBO(4).loss(model_with_scaled_likelihood, guide)
     # a scale on both model and guide is one scale, applied after the log-mean-exp
     scaled_guide = pyro.poutine.scale(guide, scale=2.0)
     pyro.set_rng_seed(9)
