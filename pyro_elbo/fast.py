@@ -12,7 +12,12 @@ the model's structure is static, none of that work has to be repeated:
 4. each step: run the traced loss, ``backward``, and one ``torch.optim.Adam`` over all leaves
    (``foreach`` implementation).
 
-The losses match the normal path at the same seed (the same ops draw the same random numbers).
+The losses match the normal path at the same seed (the same ops draw the same random numbers;
+the checks and the recording draw theirs from a forked generator).
+
+Two entry points: ``fit(..., compile=True)`` (:func:`compiled_loss_and_grads`, under ``fit``'s
+own optimizer, NaN guard, convergence rule and checkpoints) and :func:`compile_step` (a
+stand-alone step with one fused Adam).
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import prune_subsample_sites
 
-__all__ = ["CompiledStep", "StaticStructureError", "compile_step"]
+__all__ = [
+    "CompiledLossAndGrads",
+    "CompiledStep",
+    "StaticStructureError",
+    "compile_step",
+    "compiled_loss_and_grads",
+]
 
 
 class StaticStructureError(RuntimeError):
@@ -100,24 +111,9 @@ class CompiledStep:
         self.optimizer = torch.optim.Adam(self.params, lr=lr, foreach=True, **(adam or {}))
 
     def _trace(self, args):
-        names, model, guide, loss, kwargs = (
-            self.param_names,
-            self.model,
-            self.guide,
-            self.loss,
-            self.kwargs,
+        return _trace_loss(
+            self.model, self.guide, self.loss, self.param_names, self.params, args, self.kwargs
         )
-
-        def loss_of(*params_and_args):
-            data = params_and_args[len(names) :]
-            constrained = {name: pyro.param(name) for name in names}
-            return poutine.replay(loss.differentiable_loss, params=constrained)(
-                model, guide, *data, **kwargs
-            )
-
-        with pyro.validation_enabled(False), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.jit.trace(loss_of, tuple(self.params) + tuple(args), check_trace=False)
 
     def __call__(self, *args) -> float:
         self.optimizer.zero_grad(set_to_none=True)
@@ -125,6 +121,84 @@ class CompiledStep:
         loss.backward()
         self.optimizer.step()
         return loss.item()
+
+
+def _trace_loss(model, guide, loss, names, params, args, kwargs):
+    """``loss.differentiable_loss`` recorded by ``torch.jit.trace`` as a function of
+    ``(*params, *args)``; the random draws of the recording are not taken from the global
+    generators (the compiled steps then draw the same numbers as the normal path)."""
+
+    def loss_of(*params_and_args):
+        data = params_and_args[len(names) :]
+        constrained = {name: pyro.param(name) for name in names}
+        return poutine.replay(loss.differentiable_loss, params=constrained)(
+            model, guide, *data, **kwargs
+        )
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.jit.trace(loss_of, tuple(params) + tuple(args), check_trace=False)
+
+
+class CompiledLossAndGrads:
+    """``loss_and_grads`` of ``fit``'s compiled fast path: the traced loss of ``(params, args)``
+    and its backward.  A new argument shape (the last, smaller batch of an epoch) is traced once
+    more; keyword arguments are fixed at tracing time."""
+
+    def __init__(self, model, guide, objective, names, params, args, kwargs):
+        self.model, self.guide, self.objective = model, guide, objective
+        self.names, self.params, self.kwargs = list(names), list(params), dict(kwargs)
+        self._traced = {}
+        self._get(args)
+
+    @staticmethod
+    def _key(args):
+        return tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+
+    def _get(self, args):
+        key = self._key(args)
+        traced = self._traced.get(key)
+        if traced is None:
+            traced = self._traced[key] = _trace_loss(
+                self.model, self.guide, self.objective, self.names, self.params, args,
+                self.kwargs,
+            )
+        return traced
+
+    def __call__(self, model, guide, *args, **kwargs) -> float:
+        if kwargs.keys() != self.kwargs.keys():
+            raise StaticStructureError(
+                f"the compiled step was traced with keyword arguments {sorted(self.kwargs)} "
+                f"and called with {sorted(kwargs)}"
+            )
+        loss = self._get(args)(*self.params, *args)
+        loss.backward()
+        return loss.item()
+
+
+def compiled_loss_and_grads(model, guide, objective, names, params, args, kwargs, *, batched):
+    """A compiled ``loss_and_grads(model, guide, *args, **kwargs)`` for ``fit(compile=True)``,
+    or ``None`` after a one-line warning saying why the normal path is kept."""
+    why = None
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        kinds = sorted({type(a).__name__ for a in args if not isinstance(a, torch.Tensor)})
+        why = f"the positional arguments must all be tensors to be traced (got {kinds})"
+    elif batched and kwargs:
+        why = "batches given as keyword arguments (a dict) cannot be traced; yield tuples"
+    elif not all(p.is_leaf for p in params):
+        why = "a parameter is not a leaf tensor"
+    if why is None:
+        devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+        try:
+            with torch.random.fork_rng(devices=devices):  # the checks' draws are not the run's
+                check_static_structure(model, guide, args, kwargs)
+            return CompiledLossAndGrads(model, guide, objective, names, params, args, kwargs)
+        except (StaticStructureError, torch.jit.Error, RuntimeError, TypeError) as error:
+            why = str(error).splitlines()[0] if str(error) else type(error).__name__
+    warnings.warn(f"fit(compile=True): falling back to the normal path because {why}", stacklevel=3)
+    return None
 
 
 def compile_step(model, guide, *args, loss=None, lr: float = 0.01, adam=None, **kwargs):

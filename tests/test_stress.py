@@ -13,6 +13,7 @@ from pyro.infer.autoguide import AutoMultivariateNormal
 from torch.distributions import kl_divergence
 
 from pyro_elbo.conjugate import LinearRegression
+from pyro_elbo.fit import fit
 from pyro_elbo.guides.posterior import posterior_of
 from pyro_elbo.init.conditioning import WhitenedAdam
 from pyro_elbo.init.defaults import recommended_guide, recommended_objective
@@ -62,6 +63,20 @@ def test_pyro_defaults_fail(oracle):
 
 
 def test_fit_default_pipeline_reaches_exact_posterior(oracle):
+    """``fit`` with no guide, objective or optimizer: the recommended guide, the Laplace stage,
+    WhitenedAdam and the STL ELBO, stopped by the convergence rule."""
+    result = fit(oracle.model, None, seed=0, progress=False)
+    assert isinstance(result.guide, AutoMultivariateNormal)
+    assert result.init.ran and result.init.result.converged
+    assert isinstance(result.optim, WhitenedAdam)
+    assert result.loss.estimator == "stl"
+    assert result.converged
+    kl = float(kl_divergence(posterior_of(result.guide), oracle.posterior()))
+    assert kl < 0.01
+
+
+def test_pipeline_by_hand_matches(oracle):
+    """The same stages called one by one, as ``benchmarks/stress.py`` does."""
     guide = recommended_guide(oracle.model)
     assert isinstance(guide, AutoMultivariateNormal)
     laplace = laplace_init(oracle.model, guide)

@@ -1,6 +1,8 @@
 """``pyro_elbo.fit``: a fit loop users can trust.
 
-:func:`fit` runs stochastic VI with checks before step 1 (:mod:`.preflight`), automatic
+:func:`fit` runs stochastic VI with the recommended guide and objective where none is given
+and a Laplace stage before step 1 (:mod:`.initial`), checks before step 1 (:mod:`.preflight`),
+automatic
 convergence (:mod:`.convergence`), a NaN/inf guard, crash-safe checkpoints with exact resume
 (:mod:`.checkpoint`), a progress bar and callbacks, and returns a :class:`FitResult`.
 """
@@ -13,6 +15,7 @@ from pyro_elbo.fit.convergence import (
     effective_sample_size,
     split_rhat,
 )
+from pyro_elbo.fit.initial import LaplaceStage
 from pyro_elbo.fit.loop import FitResult, FitState, NonFiniteError, fit
 from pyro_elbo.fit.preflight import PlateMismatchError, SupportMismatchError
 
@@ -23,6 +26,7 @@ __all__ = [
     "ConvergenceRule",
     "FitResult",
     "FitState",
+    "LaplaceStage",
     "NonFiniteError",
     "PlateMismatchError",
     "RelativeTolerance",

@@ -2,17 +2,25 @@
 
 One call replaces the hand-written ``for step in range(n): svi.step(...)`` loop::
 
-    result = fit(model, guide, data, seed=0)          # pyro_elbo.ELBO() and Adam(lr=0.01)
-    result.converged, result.reason, result.num_steps, result.seconds
+    result = fit(model, None, data, seed=0)           # every default (see below)
+    result = fit(model, guide, data, seed=0)          # your guide
+    result.converged, result.reason, result.num_steps, result.seconds, result.guide
     result.plot()                                     # the loss trace (a matplotlib Figure)
 
 What it does, in order:
 
+0. **Defaults** (:mod:`.initial`): ``guide=None`` takes the recommended guide and ``loss=None``
+   the recommended objective (:mod:`pyro_elbo.init.defaults`).
 1. **Checks before step 1** (:mod:`.preflight`): settings, then one blocked run of guide and
    model: structure, shapes, supports, plates, discrete sites under pathwise estimators,
    enumeration, observed NaNs, initial log-densities, parameters.
-2. **Steps**: ``loss.loss_and_grads`` (any pyro_elbo objective or Pyro ELBO) and one optimizer
-   step over the parameters captured once before the loop (parameters created later are adopted).
+1b. **Laplace stage** (``init="auto"``, :mod:`.initial`): L-BFGS to the posterior mode and the
+   guide set from the Hessian there; then, when ``optim`` is not given,
+   :class:`~pyro_elbo.init.WhitenedAdam` in the coordinates of that Gaussian.
+2. **Steps**: ``loss.loss_and_grads`` (any pyro_elbo objective or Pyro ELBO; with
+   ``compile=True`` the loss traced once by :func:`pyro_elbo.fast.compiled_loss_and_grads`) and
+   one optimizer step over the parameters captured once before the loop (parameters created
+   later are adopted).
 3. **NaN/inf guard**: a non-finite loss or gradient stops the loop *before* the optimizer step, so
    parameters and optimizer state stay at the last finite step.  The step's traces are re-run with
    the same random numbers to name the site whose log-density is non-finite.  With
@@ -44,6 +52,7 @@ import torch
 
 from pyro_elbo.fit import checkpoint as ckpt
 from pyro_elbo.fit.convergence import fisher_diagonal, fisher_seed, make_rule
+from pyro_elbo.fit.initial import LaplaceStage, check_init, default_optimizer, run_laplace
 from pyro_elbo.fit.preflight import (
     check_has_params,
     check_model_guide,
@@ -84,7 +93,12 @@ class FitResult:
     * ``seconds``: wall time of this call;
     * ``skipped_steps``: steps skipped by the NaN guard (``skip_nonfinite``);
     * ``diagnostics``: the convergence rule's figures (R-hat, MCSE, ESS, ``stationary_from``);
-    * ``resumed_from``: the step a checkpoint was resumed from, or ``None``.
+    * ``resumed_from``: the step a checkpoint was resumed from, or ``None``;
+    * ``guide``, ``loss``, ``optim``: the guide fitted, the objective and the optimizer used
+      (the recommended ones when ``fit`` chose them);
+    * ``init``: what the stage before step 1 did (a :class:`~pyro_elbo.fit.initial.LaplaceStage`:
+      ``.ran``, ``.result``, ``.message``, ``.seconds``);
+    * ``compiled``: whether the steps ran on the compiled fast path.
     """
 
     losses: np.ndarray
@@ -95,6 +109,11 @@ class FitResult:
     skipped_steps: tuple = ()
     diagnostics: dict = field(default_factory=dict)
     resumed_from: int | None = None
+    guide: object = None
+    loss: object = None
+    optim: object = None
+    init: object = None
+    compiled: bool = False
 
     def __repr__(self):
         last = f", final loss {self.losses[-1]:.6g}" if len(self.losses) else ""
@@ -541,16 +560,24 @@ def fit(
     compile: bool = False,
     data=None,
     skip_nonfinite: int = 0,
+    init="auto",
     **kwargs,
 ) -> FitResult:
     """Fit ``guide`` to ``model`` by stochastic optimization of ``loss``; see the module doc.
 
-    :param model, guide: Pyro programs; ``*args``/``**kwargs`` are passed to both.
-    :param loss: the objective (default ``pyro_elbo.ELBO()``): any pyro_elbo objective, or a Pyro
-        ELBO (``Trace_ELBO()``, ``TraceEnum_ELBO(max_plate_nesting=...)``...).
+    :param model, guide: Pyro programs; ``*args``/``**kwargs`` are passed to both.  ``guide=None``
+        takes :func:`pyro_elbo.init.recommended_guide` (full rank up to 200 latent dimensions,
+        low rank up to 5000, else mean field; mean field when latents sit in a subsampled
+        plate); the result's ``.guide`` is the guide fitted.
+    :param loss: the objective: any pyro_elbo objective, or a Pyro ELBO (``Trace_ELBO()``,
+        ``TraceEnum_ELBO(max_plate_nesting=...)``...).  Default
+        :func:`pyro_elbo.init.recommended_objective`: ``ELBO(4, estimator="stl")``
+        (``estimator="reparam"`` when the guide has a site without ``rsample``).
     :param optim: ``pyro.optim.Adam({...})`` (any ``PyroOptim``), a torch optimizer class or
         ``functools.partial`` of one (built over all parameters), or a constructed torch
-        optimizer holding them.  Default: ``torch.optim.Adam(lr=0.01)``.
+        optimizer holding them.  Default: :class:`pyro_elbo.init.WhitenedAdam` (lr 0.05 in
+        posterior sds) after a Laplace stage on a Gaussian autoguide, else
+        ``torch.optim.Adam(lr=0.01)``.
     :param num_steps: run exactly this many steps (convergence is then not checked).
     :param int max_steps: with ``num_steps=None``, the most steps before giving up (10,000).
     :param progress: ``True``, ``False`` or ``"auto"`` (on a terminal or in a notebook).
@@ -563,22 +590,28 @@ def fit(
     :param seed: seeds torch, numpy and Python (``pyro.set_rng_seed``) before anything runs.
     :param callbacks: functions called as ``callback(state)`` after each step with a
         :class:`FitState`; one returning ``True`` stops the run.
-    :param compile: reserved for the compiled fast path (not available yet).
+    :param bool compile: run each step on the compiled fast path
+        (:mod:`pyro_elbo.fast`): the objective's loss traced once as one torch function of the
+        parameters and the data.  Models whose structure is not static fall back to the normal
+        path with a one-line warning that says why.
     :param data: an iterable of batches (e.g. a ``DataLoader``); each step takes the next batch
         and passes it after ``*args`` (a tuple/list is unpacked, a dict merged into the keyword
         arguments), re-iterating at the end of an epoch.
     :param int skip_nonfinite: skip up to this many steps whose loss or gradient is non-finite
         (no update) before raising :class:`NonFiniteError` (default 0: raise at the first).
+    :param init: the stage before step 1 (:mod:`pyro_elbo.fit.initial`).  ``"auto"``: L-BFGS to
+        the posterior mode and the guide set from the Hessian there
+        (:func:`pyro_elbo.init.laplace_init`) when the guide is an autoguide it knows and the
+        data are not minibatched, else skipped; ``"laplace"``: the same, or an error saying why
+        not; ``None``: start from the guide as it is (e.g. to continue an earlier fit).
     :returns: a :class:`FitResult`.
 
     A ``KeyboardInterrupt`` ends the run early: the state reached is checkpointed and returned.
     """
     started = time.perf_counter()
-    if compile:
-        raise NotImplementedError(
-            "fit(compile=True) is reserved for the compiled fast path, which is not wired into "
-            "fit yet. Use compile=False, or pyro_elbo.fast.compile_step for a compiled step."
-        )
+    check_init(init)
+    if not isinstance(compile, bool):
+        raise TypeError(f"fit: compile must be True or False, got {compile!r}")
     check_steps(num_steps, max_steps, checkpoint_every, skip_nonfinite)
     if num_steps is not None and convergence not in ("auto", None, False):
         raise ValueError(
@@ -596,7 +629,7 @@ def fit(
         guide,
         args,
         kwargs,
-        objective=check_objective(loss),
+        objective=None if loss is None else check_objective(loss),
         optim=check_optim(optim),
         rule=None if num_steps is not None else make_rule(convergence),
         num_steps=num_steps,
@@ -607,6 +640,8 @@ def fit(
         checkpoint_every=checkpoint_every,
         skip_nonfinite=skip_nonfinite,
         batches=_Batches(data) if data is not None else None,
+        init=init,
+        compile=compile,
     )
     if seed is not None:
         pyro.set_rng_seed(seed)
@@ -636,14 +671,20 @@ class _Run:
     # -------------------------------------------------------------- before step 1
     def prepare(self):
         """Checks before step 1, the parameters, the optimizer and the convergence rule."""
-        model, guide, objective = self.model, self.guide, self.objective
         if self.batches is not None:
             self.call = _with_batch(self.args, self.kwargs, self.batches.first())
         else:
             self.call = (self.args, self.kwargs)
         args, kwargs = self.call
+        self._choose_defaults(args, kwargs)
+        model, guide, objective = self.model, self.guide, self.objective
         pre = check_model_guide(model, guide, objective, args, kwargs)
         check_has_params(pre, guide)
+        self.stage = run_laplace(
+            self.init, model, guide, args, kwargs, batched=self.batches is not None
+        )
+        if self.optim is None:
+            self.optim = default_optimizer(self.stage, guide)
         store = self.store = pyro.get_param_store()
         names = self._initial_evaluation(sorted({*pre.guide_params, *pre.model_params}, key=str))
         leaves = [store[name].unconstrained() for name in names]
@@ -651,9 +692,31 @@ class _Run:
         self.names = [names[i] for i in keep]
         self.leaves = [leaves[i] for i in keep]
         self.opt = _make_optimizer(self.optim, self.leaves, self.names)
+        self.step_fn = self.objective.loss_and_grads
+        self.compiled = False
+        if self.compile:
+            from pyro_elbo.fast import compiled_loss_and_grads
+
+            compiled = compiled_loss_and_grads(
+                model, guide, objective, self.names, self.leaves, args, kwargs,
+                batched=self.batches is not None,
+            )
+            if compiled is not None:
+                self.step_fn, self.compiled = compiled, True
         self.guide_names = set(pre.guide_params)
         if self.rule is not None:
             self.rule.bind(self._context())
+
+    def _choose_defaults(self, args, kwargs):
+        """The recommended guide and objective where the user gave none."""
+        from pyro_elbo.init.defaults import recommended_guide, recommended_objective
+
+        if self.guide is None:
+            self.guide = recommended_guide(self.model, *args, **kwargs)
+        if self.objective is None:
+            self.objective = check_objective(
+                recommended_objective(self.guide, *args, **kwargs)
+            )
 
     def _initial_evaluation(self, names):
         """Evaluate the objective once: it runs its lazy set-up (plate guessing, validation) now,
@@ -795,7 +858,7 @@ class _Run:
         """The steps.  Everything that can be done once is done before; names are bound to
         locals so that the per-step work is the objective, the optimizer and a few checks."""
         model, guide, objective, rule = self.model, self.guide, self.objective, self.rule
-        step_fn = objective.loss_and_grads
+        step_fn = self.step_fn
         losses, skipped, store = self.losses, self.skipped, self.store
         batches, callbacks, opt, leaves = self.batches, self.callbacks, self.opt, self.leaves
         checkpoint, every = self.checkpoint, self.checkpoint_every
@@ -931,6 +994,11 @@ class _Run:
             skipped_steps=tuple(self.skipped),
             diagnostics=self.rule.diagnostics() if self.rule is not None else {},
             resumed_from=self.resumed_from,
+            guide=self.guide,
+            loss=self.objective,
+            optim=self.opt.optimizer,
+            init=getattr(self, "stage", LaplaceStage()),
+            compiled=bool(getattr(self, "compiled", False)),
         )
 
 

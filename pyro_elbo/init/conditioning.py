@@ -392,7 +392,17 @@ class WhitenedAdam(PyroOptim):
             if self._adam is not None and mine["adam"] is not None:
                 self._adam.load_state_dict(mine["adam"])
             self.num_steps, self._sum, self._count = mine["num_steps"], mine["sum"], mine["count"]
-            self._written = {}  # resync from the guide on the next step
+            # the guide's parameters are restored before the optimizer (fit, SVI users): when
+            # they are the image of the restored coordinates, keep those (a resume is then bit
+            # for bit); otherwise the next step resyncs from the guide
+            store = pyro.get_param_store()
+            self._written = {}
+            for block in self.blocks:
+                with torch.no_grad():
+                    values = block.forward(block.psi)
+                for n, value in values.items():
+                    if n in store._params and torch.equal(store._params[n].detach(), value):
+                        self._written[n] = value.detach().clone()
 
 
 def whitened_optim(guide, lr: float = 0.05, **kwargs) -> WhitenedAdam:

@@ -1,0 +1,224 @@
+"""``fit``'s stage before step 1 (recommended guide and objective, the Laplace stage, WhitenedAdam)
+and ``fit(compile=True)``, the compiled fast path, against the normal path."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+from torch.distributions import kl_divergence
+
+from pyro_elbo.conjugate import LinearRegression, NormalNormal
+from pyro_elbo.fit import fit
+from pyro_elbo.fit.initial import run_laplace
+from pyro_elbo.guides.posterior import posterior_of
+from pyro_elbo.init.conditioning import WhitenedAdam
+from pyro_elbo.objectives.elbo import ELBO
+
+
+def linreg(seed=0, dtype=torch.float64):
+    return LinearRegression.simulate(200, 4, seed=seed, dtype=dtype)
+
+
+# ------------------------------------------------------------------ the Laplace stage
+
+
+def test_laplace_stage_puts_a_full_rank_guide_at_the_exact_posterior_before_step_1():
+    oracle = linreg()
+    guide = AutoMultivariateNormal(oracle.model)
+    result = fit(oracle.model, guide, num_steps=1, loss=ELBO(4, estimator="stl"),
+                 progress=False, seed=0)
+    assert result.init.ran and "L-BFGS" in result.init.message
+    # the posterior is Gaussian: N(mode, H^-1) is exact, and STL leaves it there (a zero
+    # gradient at the exact posterior, so one whitened Adam step does not move it)
+    kl = float(kl_divergence(posterior_of(guide), oracle.posterior()))
+    assert kl < 1e-8
+
+
+def test_laplace_stage_with_the_users_optimizer_and_pyro_defaults_guide():
+    oracle = linreg()
+    guide = AutoNormal(oracle.model, init_scale=0.1)
+    result = fit(oracle.model, guide, optim=pyro.optim.Adam({"lr": 0.01}), num_steps=50,
+                 progress=False, seed=0)
+    assert result.init.ran
+    assert isinstance(result.optim, pyro.optim.PyroOptim)
+    assert not isinstance(result.optim, WhitenedAdam)  # the user's optimizer is kept
+    # mean field at the Laplace mode: the means are exact
+    q = posterior_of(guide)
+    q = q["weights"] if isinstance(q, dict) else q
+    exact = oracle.posterior()
+    error = ((q.mean - exact.mean).abs() / exact.stddev).max()
+    assert float(error) < 0.2
+
+
+def test_init_none_starts_from_the_guide_as_it_is():
+    oracle = NormalNormal(torch.tensor([2.0, 3.0, 4.0]))
+    guide = AutoNormal(oracle.model)
+    result = fit(oracle.model, guide, num_steps=1, progress=False, seed=0, init=None,
+                 loss=ELBO(), optim=pyro.optim.SGD({"lr": 0.0}))
+    assert not result.init.ran and "init=None" in result.init.message
+    assert float(pyro.param("AutoNormal.locs.loc")) == 0.0  # untouched
+
+
+def test_auto_skips_what_it_cannot_set_and_laplace_says_why():
+    oracle = NormalNormal(torch.tensor([2.0, 3.0, 4.0]))
+
+    def guide():
+        loc = pyro.param("m", torch.tensor(0.0))
+        pyro.sample("loc", dist.Normal(loc, 1.0))
+
+    result = fit(oracle.model, guide, num_steps=2, progress=False)
+    assert not result.init.ran and "not an autoguide" in result.init.message
+    with pytest.raises(ValueError, match=r"init='laplace'.*not an autoguide.*init=None"):
+        fit(oracle.model, guide, num_steps=2, progress=False, init="laplace")
+
+    def model(x):
+        loc = pyro.sample("loc", dist.Normal(0.0, 3.0))
+        with pyro.plate("data", 40, subsample=torch.arange(len(x))):
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    batches = [(torch.randn(8),) for _ in range(3)]
+    result = fit(model, AutoNormal(model), data=batches, num_steps=3, progress=False)
+    assert not result.init.ran and "minibatches" in result.init.message
+    with pytest.raises(ValueError, match="mode of one minibatch"):
+        fit(model, AutoNormal(model), data=batches, num_steps=3, progress=False, init="laplace")
+
+
+def test_auto_skips_a_subsampling_model():
+    def model():
+        loc = pyro.sample("loc", dist.Normal(0.0, 3.0))
+        with pyro.plate("data", 40, subsample_size=10):
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=torch.zeros(10))
+
+    result = fit(model, AutoNormal(model), num_steps=2, progress=False)
+    assert not result.init.ran and "subsampl" in result.init.message
+
+
+def test_a_failing_laplace_stage_leaves_the_guide_as_it_was(monkeypatch):
+    oracle = NormalNormal(torch.tensor([2.0, 3.0, 4.0]))
+    guide = AutoNormal(oracle.model)
+
+    def broken(model, guide, *args, **kwargs):
+        with guide._pyro_context:  # writes into the guide, then fails
+            guide.locs.loc = torch.tensor(123.0)
+        raise RuntimeError("linesearch exploded")
+
+    monkeypatch.setattr("pyro_elbo.init.laplace.laplace_init", broken)
+    with pytest.warns(UserWarning, match=r"Laplace stage failed \(RuntimeError: linesearch"):
+        result = fit(oracle.model, guide, num_steps=1, progress=False, seed=0, loss=ELBO(),
+                     optim=pyro.optim.SGD({"lr": 0.0}))
+    assert not result.init.ran and result.optim is not None
+    assert float(pyro.param("AutoNormal.locs.loc")) == 0.0  # put back, not 123
+    with pytest.raises(RuntimeError, match="linesearch exploded"):
+        fit(oracle.model, guide, num_steps=1, progress=False, init="laplace")
+
+
+def test_the_stage_draws_no_random_numbers():
+    oracle = linreg()
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    run_laplace("auto", oracle.model, AutoMultivariateNormal(oracle.model), (), {},
+                        batched=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_no_guide_takes_the_recommended_one_and_returns_it():
+    oracle = linreg()
+    result = fit(oracle.model, None, seed=0, progress=False)
+    assert isinstance(result.guide, AutoMultivariateNormal)
+    assert isinstance(result.optim, WhitenedAdam) and result.loss.estimator == "stl"
+    assert result.converged and result.num_steps < 10_000
+    kl = float(kl_divergence(posterior_of(result.guide), oracle.posterior()))
+    assert kl < 0.01
+
+
+# ------------------------------------------------------------------ compile=True
+
+
+def logistic(num_data=300, dim=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(num_data, dim, generator=gen)
+    y = torch.bernoulli(torch.sigmoid(X @ torch.linspace(-1, 1, dim)), generator=gen)
+
+    def model(X, y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(dim), 1.0).to_event(1))
+        with pyro.plate("data", len(X)):
+            pyro.sample("y", dist.Bernoulli(logits=(X * w).sum(-1)), obs=y)
+
+    return model, X, y
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "stl"])
+def test_compiled_fit_gives_the_normal_paths_losses_and_parameters(estimator):
+    model, X, y = logistic()
+    runs = []
+    for compiled in (False, True):
+        pyro.clear_param_store()
+        guide = AutoNormal(model)
+        result = fit(model, guide, X, y, loss=ELBO(2, estimator=estimator), num_steps=150,
+                     seed=0, progress=False, init=None, compile=compiled)
+        assert result.compiled is compiled
+        store = pyro.get_param_store()
+        runs.append((result.losses, {n: store[n].detach().clone() for n in store.keys()}))
+    (losses_a, params_a), (losses_b, params_b) = runs
+    assert losses_a.shape == losses_b.shape == (150,)
+    assert abs(losses_a - losses_b).max() < 1e-4 * abs(losses_a).max()
+    for name in params_a:
+        assert torch.allclose(params_a[name], params_b[name], atol=1e-5), name
+
+
+def test_compiled_fit_with_the_default_pipeline_reaches_the_exact_posterior():
+    oracle = linreg()
+    result = fit(oracle.model, None, seed=0, progress=False, compile=True)
+    assert result.compiled and result.init.ran and result.converged
+    kl = float(kl_divergence(posterior_of(result.guide), oracle.posterior()))
+    assert kl < 0.01
+
+
+def test_compiled_fit_retraces_for_a_smaller_last_batch():
+    data = torch.linspace(-2, 3, 20)
+
+    def model(x):
+        loc = pyro.sample("loc", dist.Normal(0.0, 3.0))
+        with pyro.plate("data", 20, subsample=torch.arange(len(x))):
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    batches = [(data[:8],), (data[8:16],), (data[16:],)]  # 8, 8, 4
+    runs = []
+    for compiled in (False, True):
+        pyro.clear_param_store()
+        result = fit(model, AutoNormal(model), data=batches, loss=ELBO(2), num_steps=30,
+                     seed=1, progress=False, compile=compiled)
+        runs.append(result.losses)
+        assert result.compiled is compiled
+    assert abs(runs[0] - runs[1]).max() < 1e-4 * abs(runs[0]).max()
+
+
+def test_compiled_fit_falls_back_on_dynamic_structure():
+    calls = {"n": 0}
+
+    def model():
+        calls["n"] += 1
+        loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+        if calls["n"] % 2:  # a site that comes and goes
+            pyro.sample("extra", dist.Normal(loc, 1.0), obs=torch.tensor(0.5))
+        pyro.sample("x", dist.Normal(loc, 1.0), obs=torch.tensor(1.0))
+
+    guide = AutoNormal(model)
+    with pytest.warns(UserWarning, match=r"compile=True\): falling back .*structure changes"):
+        result = fit(model, guide, num_steps=5, progress=False, init=None, compile=True)
+    assert not result.compiled and len(result.losses) == 5
+    assert all(math.isfinite(v) for v in result.losses)
+
+
+def test_compiled_fit_falls_back_on_non_tensor_arguments():
+    def model(scale):
+        pyro.sample("x", dist.Normal(pyro.sample("loc", dist.Normal(0.0, scale)), 1.0),
+                    obs=torch.tensor(1.0))
+
+    with pytest.warns(UserWarning, match=r"must all be tensors to be traced \(got \['float'\]\)"):
+        result = fit(model, AutoNormal(model), 2.0, num_steps=3, progress=False, compile=True)
+    assert not result.compiled
