@@ -2,7 +2,8 @@
 
 For each problem in :mod:`benchmarks.models` it builds every contender (Pyro's ``Trace_ELBO``,
 pyro_elbo's objectives, the hand-written torch step, the compiled fast path when available,
-NumPyro when installed), then measures them **in one run, interleaved**: R rounds, and in every
+NumPyro's jitted SVI step when the ``bench`` extra is installed, :mod:`benchmarks.numpyro_models`;
+skipped otherwise, and the table says so), then measures them **in one run, interleaved**: R rounds, and in every
 round each contender runs a block of N timed steps after its warm-up.  Parameter stores are kept
 apart with ``ParamStoreDict.scope``.  It reports the median milliseconds per step and the ratios
 to ``Trace_ELBO`` (same particles) and to the hand-written step, prints a markdown table and saves
@@ -67,6 +68,10 @@ def contenders(problem, num_particles):
         pass
     if k == 1:
         out["hand-written torch"] = lambda: _raw_step(problem, lr)
+    from benchmarks import numpyro_models
+
+    if problem.make_numpyro_step is not None and numpyro_models.available():
+        out[f"NumPyro jit Trace_ELBO({k})"] = lambda: problem.make_numpyro_step(k, lr)
     return out
 
 
@@ -131,7 +136,11 @@ def machine() -> str:
 
 
 def format_markdown(results, memory) -> str:
+    from benchmarks import numpyro_models
+
     lines = [f"Machine: {machine()}", ""]
+    if not numpyro_models.available():
+        lines += ["NumPyro rows skipped: jax/numpyro not installed (`pip install -e \".[bench]\"`).", ""]
     for problem, by_k in results.items():
         for k, timings in by_k.items():
             base = timings.get(f"Trace_ELBO({k})")

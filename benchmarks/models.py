@@ -31,6 +31,8 @@ class Problem:
     make_raw_step: object
     notes: str = ""
     kwargs: dict = field(default_factory=dict)
+    #: ``(num_particles, lr) -> step`` of the same problem in NumPyro (benchmarks.numpyro_models)
+    make_numpyro_step: object = None
 
 
 def logistic_regression(num_data=1000, dim=10, seed=0) -> Problem:
@@ -64,7 +66,15 @@ def logistic_regression(num_data=1000, dim=10, seed=0) -> Problem:
 
         return step
 
-    return Problem("(a) logistic regression N=1000 D=10", model, AutoNormal, (X, y), make_raw_step)
+    def make_numpyro_step(num_particles, lr=0.01):
+        from benchmarks import numpyro_models
+
+        return numpyro_models.logistic(X, y, num_particles, lr)
+
+    return Problem(
+        "(a) logistic regression N=1000 D=10", model, AutoNormal, (X, y), make_raw_step,
+        make_numpyro_step=make_numpyro_step,
+    )
 
 
 def hierarchical(num_groups=100, per_group=10, seed=0) -> Problem:
@@ -109,7 +119,15 @@ def hierarchical(num_groups=100, per_group=10, seed=0) -> Problem:
 
         return step
 
-    return Problem("(b) hierarchical, 100 groups", model, AutoNormal, (group, y), make_raw_step)
+    def make_numpyro_step(num_particles, lr=0.01):
+        from benchmarks import numpyro_models
+
+        return numpyro_models.hierarchical(group, y, num_groups, num_particles, lr)
+
+    return Problem(
+        "(b) hierarchical, 100 groups", model, AutoNormal, (group, y), make_raw_step,
+        make_numpyro_step=make_numpyro_step,
+    )
 
 
 class Encoder(nn.Module):
@@ -211,8 +229,17 @@ def linear_regression(num_data=500, dim=50, seed=0) -> Problem:
 
         return step
 
+    def make_numpyro_step(num_particles, lr=0.01):
+        from benchmarks import numpyro_models
+
+        return numpyro_models.linear_regression(
+            oracle.X, oracle.y, float(oracle.prior_scale.reshape(-1)[0]),
+            float(oracle.noise_scale), num_particles, lr,
+        )
+
     return Problem(
-        "(d) LinearRegression D=50", model, AutoMultivariateNormal, (), make_raw_step
+        "(d) LinearRegression D=50", model, AutoMultivariateNormal, (), make_raw_step,
+        make_numpyro_step=make_numpyro_step,
     )
 
 
