@@ -416,3 +416,74 @@ def test_arviz1_path_converts_and_corrects_loo(fitted, idata, tmp_path):
     assert result["khat"] == pytest.approx(
         float(az.psislw(data.groups["sample_stats"]["log_weight"].reshape(-1))[1]), abs=0.05
     )
+
+
+# ---------------------------------------------------------------- PSIS-resampled draws
+
+
+def _shifted_guide(oracle, shift, scale):
+    """The exact posterior moved by ``shift`` sds and widened by ``scale``."""
+    post = oracle.posterior()
+    loc = post.mean + shift * post.stddev
+    tril = scale * post.scale_tril
+
+    def guide():
+        pyro.sample("weights", dist.MultivariateNormal(loc, scale_tril=tril))
+
+    return guide
+
+
+def test_psis_resampling_removes_the_bias_of_a_slightly_off_guide():
+    from pyro_elbo.conjugate import LinearRegression
+
+    oracle = LinearRegression.simulate(100, 3, seed=0, dtype=torch.float64)
+    post = oracle.posterior()
+    guide = _shifted_guide(oracle, shift=0.3, scale=1.2)
+    num = 20_000
+    pyro.set_rng_seed(0)
+    raw = to_dict(oracle.model, guide, num_samples=num)
+    pyro.set_rng_seed(0)
+    resampled = to_dict(oracle.model, guide, num_samples=num, resample="psis")
+    attrs = resampled.attrs["posterior"]
+    assert attrs["resampled"] == "psis" and attrs["psis_khat"] < 0.5
+    mean = post.mean.numpy()
+    sd = post.stddev.numpy()
+    raw_error = (raw.groups["posterior"]["weights"][0].mean(0) - mean) / sd
+    new = resampled.groups["posterior"]["weights"][0]
+    new_error = (new.mean(0) - mean) / sd
+    # weighted-then-resampled mean: SE from the weights' ESS plus the multinomial draw
+    se = np.sqrt(1 / attrs["psis_ess"] + 1 / num)
+    assert np.all(np.abs(raw_error) > 0.25)  # the guide's bias: 0.3 sd
+    assert np.all(np.abs(new_error) < 5 * se), (new_error, se)
+    # the sd of a sd estimate is about sd / sqrt(2 ESS)
+    assert np.all(np.abs(new.std(0) / sd - 1.0) < 5 * np.sqrt(1 / (2 * attrs["psis_ess"])))
+    assert np.all(raw.groups["posterior"]["weights"][0].std(0) / sd > 1.15)  # q is 1.2x too wide
+    # every group is resampled with the same index: the stats still belong together, and the
+    # log-likelihood still belongs to its draw
+    stats = resampled.groups["sample_stats"]
+    np.testing.assert_allclose(stats["log_weight"], stats["lp"] - stats["log_q"], rtol=1e-12)
+    ll = resampled.groups["log_likelihood"]["obs"][0]
+    direct = torch.distributions.Normal(
+        torch.as_tensor(new) @ oracle.X.T, oracle.noise_scale
+    ).log_prob(oracle.y)
+    np.testing.assert_allclose(ll, direct.numpy(), rtol=1e-6)
+    idata = resampled.to_arviz()
+    assert idata.posterior.attrs["resampled"] == "psis"
+
+
+def test_psis_resampling_refuses_unreliable_weights():
+    from pyro_elbo.conjugate import LinearRegression
+
+    oracle = LinearRegression.simulate(100, 3, seed=0, dtype=torch.float64)
+    guide = _shifted_guide(oracle, shift=0.0, scale=0.3)  # far too narrow: k-hat > 0.7
+    pyro.set_rng_seed(0)
+    with pytest.warns(UserWarning, match=r"resample='psis': k-hat 0\.\d+ > 0\.70.*not resampled"):
+        data = to_dict(oracle.model, guide, num_samples=10_000, resample="psis")
+    assert data.attrs["posterior"]["resampled"] == "none"
+    pyro.set_rng_seed(0)
+    plain = to_dict(oracle.model, guide, num_samples=10_000)
+    np.testing.assert_array_equal(
+        data.groups["posterior"]["weights"], plain.groups["posterior"]["weights"]
+    )
+    with pytest.raises(ValueError, match="resample must be None or 'psis'"):
+        to_dict(oracle.model, guide, num_samples=10, resample="sir")
