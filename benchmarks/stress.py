@@ -720,7 +720,13 @@ def run_case(case: Case, settings=SETTINGS, quick: bool = False) -> dict:
                                    num_particles=BEST["num_particles"], lr=BEST["lr"],
                                    average_last=BEST["average_last"])
         info["seconds"] = round(time.perf_counter() - start, 1)
-        row = {**info, **score(case, guide)}
+        try:
+            row = {**info, **score(case, guide)}
+        except (ValueError, RuntimeError) as error:  # e.g. a NaN guide: no Gaussian to score
+            first = str(error).splitlines()[0][:120]
+            row = {**info, "max_mean_error": float("nan"), "median_sd_ratio": float("nan"),
+                   "min_sd_ratio": float("nan"), "max_sd_ratio": float("nan"),
+                   "error": f"{type(error).__name__}: {first}"}
         if setting == "best" and row.get("khat", 1.0) < 0.7:
             row["psis"] = psis_score(case, guide)
         rows[setting] = row
@@ -774,7 +780,8 @@ def markdown(results: dict) -> str:
                 f"| {name} | {ref_text} | {setting} | {_fmt(row['max_mean_error'])} | "
                 f"{_fmt(row['median_sd_ratio'])} [{_fmt(row['min_sd_ratio'])}-"
                 f"{_fmt(row['max_sd_ratio'])}] | {_fmt(row.get('kl'), 3)} | "
-                f"{_fmt(row.get('khat'))} | {row.get('seconds')} |")
+                f"{_fmt(row.get('khat'))} | {row.get('seconds')}"
+                + (f" (no Gaussian to score: {row['error']})" if "error" in row else "") + " |")
             ref_text = ""
             if "psis" in row:
                 p = row["psis"]

@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions.util import detach as detach_distribution
 from pyro.distributions.util import is_identically_zero, scale_and_mask
+from pyro.infer.autoguide import (
+    AutoDiagonalNormal,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
 from pyro.poutine.util import prune_subsample_sites
 
 from pyro_elbo.engine.handlers import BetaScale, DetachParams, DetachSamples, detached_parameters
@@ -298,19 +305,59 @@ def _trace_pair(model, guide, user, args, kwargs, detach_params, plate, validate
         if detach_params:
             require_detachable_guide(user_guide, guide_trace)
     detached_trace = None
+    full_guide_trace, guide_trace = guide_trace, prune_subsample_sites(guide_trace)
     if detach_params:
-        # Replay the guide on the same (still differentiable) samples with every parameter
-        # detached: log q then depends on phi only through the sample path.
-        replayed = poutine.replay(DetachParams()(guide), trace=guide_trace)
-        with poutine.block(), detached_parameters(user_guide):
-            detached_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
-        detached_trace = prune_subsample_sites(detached_trace)
+        if type(user_guide) in GAUSSIAN_AUTOGUIDES:
+            detached_trace = _detach_auxiliary_sites(guide_trace)
+        else:
+            # Replay the guide on the same (still differentiable) samples with every parameter
+            # detached: log q then depends on phi only through the sample path.
+            # (the unpruned trace: the replay must reuse the subsample indices too)
+            replayed = poutine.replay(DetachParams()(guide), trace=full_guide_trace)
+            with poutine.block(), detached_parameters(user_guide):
+                detached_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
+            detached_trace = prune_subsample_sites(detached_trace)
         detached_trace.compute_log_prob()
-    guide_trace = prune_subsample_sites(guide_trace)
     model_trace = prune_subsample_sites(model_trace)
     model_trace.compute_log_prob()
     guide_trace.compute_score_parts()
     return model_trace, guide_trace, detached_trace
+
+
+#: autoguides whose auxiliary sites' distributions depend on the parameters only (never on other
+#: samples): for them the parameter-detached log q needs no second guide pass
+GAUSSIAN_AUTOGUIDES = (
+    AutoNormal,
+    AutoDiagonalNormal,
+    AutoMultivariateNormal,
+    AutoLowRankMultivariateNormal,
+)
+
+
+def _detach_auxiliary_sites(guide_trace):
+    """The guide trace with every auxiliary site's distribution detached from the parameters,
+    the samples untouched: what the parameter-detached replay gives for
+    :data:`GAUSSIAN_AUTOGUIDES`, without running the guide again.
+
+    Exact for these guides only: their auxiliary sites (``<site>_unconstrained`` of AutoNormal,
+    ``_<Guide>_latent`` of the others) are Normal/MultivariateNormal/LowRankMultivariateNormal
+    whose parameters are the guide's parameters, so detaching the distribution holds exactly
+    the parameters constant.  Their other sites are ``Delta(T(u), log_density=Jacobian)``: their
+    log-density depends on the sample ``u`` alone and stays on the path, as it must (detaching
+    *those* distributions would drop the Jacobian's path gradient, which is biased).
+    """
+    detached = poutine.Trace()
+    for name, node in guide_trace.nodes.items():
+        if node["type"] != "sample":
+            continue
+        copy = {k: v for k, v in node.items() if k not in _LOG_PROB_KEYS}
+        if node["infer"].get("is_auxiliary"):
+            copy["fn"] = detach_distribution(node["fn"])
+        detached.add_node(name, **copy)
+    return detached
+
+
+_LOG_PROB_KEYS = ("log_prob", "log_prob_sum", "unscaled_log_prob", "score_parts")
 
 
 def _replay_model(model, guide_trace, user, args, kwargs):
