@@ -222,3 +222,25 @@ def test_compiled_fit_falls_back_on_non_tensor_arguments():
     with pytest.warns(UserWarning, match=r"must all be tensors to be traced \(got \['float'\]\)"):
         result = fit(model, AutoNormal(model), 2.0, num_steps=3, progress=False, compile=True)
     assert not result.compiled
+
+
+def test_the_density_check_runs_after_the_laplace_stage():
+    """A raw-scale Poisson GLM: the guide's own first draw (beta ~ N(0, 0.1), x ~ 1500)
+    overflows exp, so without the Laplace stage fit refuses to start, naming the site; the
+    Laplace stage starts from the prior's mean and puts the guide where the density is finite."""
+    gen = torch.Generator().manual_seed(2)
+    x = 1500.0 + 100.0 * torch.randn(200, generator=gen)
+    y = torch.poisson(torch.exp(1.0 - 5e-4 * x), generator=gen)
+
+    def model(x, y):
+        alpha = pyro.sample("alpha", dist.Normal(0.0, 10.0))
+        beta = pyro.sample("beta", dist.Normal(0.0, 5.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Poisson(torch.exp(alpha + beta * x)), obs=y)
+
+    with pytest.raises(ValueError, match=r"model site 'obs' is .* at the guide's initial draw"):
+        fit(model, AutoNormal(model), x, y, num_steps=5, progress=False, seed=0, init=None)
+    pyro.clear_param_store()
+    result = fit(model, None, x, y, seed=0, progress=False)
+    assert result.init.ran and result.converged
+    assert all(math.isfinite(v) for v in result.losses)

@@ -55,6 +55,7 @@ from pyro_elbo.fit.convergence import fisher_diagonal, fisher_seed, make_rule
 from pyro_elbo.fit.initial import LaplaceStage, check_init, default_optimizer, run_laplace
 from pyro_elbo.fit.preflight import (
     check_has_params,
+    check_initial_density,
     check_model_guide,
     check_objective,
     check_optim,
@@ -678,11 +679,17 @@ class _Run:
         args, kwargs = self.call
         self._choose_defaults(args, kwargs)
         model, guide, objective = self.model, self.guide, self.objective
-        pre = check_model_guide(model, guide, objective, args, kwargs)
+        # the density of the guide's draw is checked after the Laplace stage, which starts from
+        # the prior's mean and may move a guide whose own initialization overflows
+        pre = check_model_guide(model, guide, objective, args, kwargs, check_density=False)
         check_has_params(pre, guide)
         self.stage = run_laplace(
             self.init, model, guide, args, kwargs, batched=self.batches is not None
         )
+        if self.stage.ran:
+            check_initial_density(model, guide, args, kwargs, when="first (after the Laplace stage)")
+        else:
+            check_initial_density(model, guide, args, kwargs, preflight=pre)
         if self.optim is None:
             self.optim = default_optimizer(self.stage, guide)
         store = self.store = pyro.get_param_store()

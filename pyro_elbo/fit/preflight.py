@@ -192,8 +192,10 @@ class Preflight:
     model_params: list
 
 
-def check_model_guide(model, guide, objective, args, kwargs) -> Preflight:
-    """Run guide and model once (unvectorized, blocked) and check the pair; see the module doc."""
+def check_model_guide(model, guide, objective, args, kwargs, check_density=True) -> Preflight:
+    """Run guide and model once (unvectorized, blocked) and check the pair; see the module doc.
+    ``check_density=False`` leaves the finite-log-density check of the draw to the caller
+    (``fit`` runs it after its Laplace stage, which may move the guide to where it is finite)."""
     with poutine.block():
         try:
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -222,7 +224,8 @@ def check_model_guide(model, guide, objective, args, kwargs) -> Preflight:
     _check_plates(model_sites, guide_sites)
     _check_supports(model_sites, guide_sites)
     _check_observed(model_sites)
-    _check_initial_density(model_trace, guide_trace)
+    if check_density:
+        _check_initial_density(model_trace, guide_trace)
     guide_params = _param_names(guide_trace)
     model_params = [n for n in _param_names(model_trace) if n not in guide_params]
     return Preflight(guide_trace, model_trace, guide_params, model_params)
@@ -497,7 +500,22 @@ def _check_observed(model_sites):
         )
 
 
-def _check_initial_density(model_trace, guide_trace):
+def check_initial_density(model, guide, args, kwargs, preflight=None, when="initial"):
+    """The log-densities of one draw of the pair are finite: the draw of ``preflight`` when
+    given, else a new one (blocked, from a forked generator: the run's random numbers are not
+    consumed)."""
+    if preflight is not None:
+        return _check_initial_density(preflight.model_trace, preflight.guide_trace, when)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+        _check_initial_density(model_trace, guide_trace, when)
+
+
+def _check_initial_density(model_trace, guide_trace, when="initial"):
     for role, trace in (("guide", guide_trace), ("model", model_trace)):
         try:
             trace.compute_log_prob()
@@ -512,7 +530,7 @@ def _check_initial_density(model_trace, guide_trace):
                 continue
             raise ValueError(
                 f"before step 1: the log-density of {role} site {name!r} is "
-                f"{_nonfinite_text(log_prob)} at the guide's initial draw, so the objective "
+                f"{_nonfinite_text(log_prob)} at the guide's {when} draw, so the objective "
                 "would be non-finite from the start. Check the data against the distribution's "
                 "support, the distribution's parameters (a scale of 0, a log of a negative "
                 "number) and the guide's initialization."
