@@ -11,7 +11,9 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="fit every conjugate oracle and check it")
     demo.add_argument("--out", default=None, help="folder for the table (nothing written if absent)")
-    demo.add_argument("--steps", type=int, default=800, help="SVI steps per fit")
+    demo.add_argument(
+        "--steps", type=int, default=3000, help="the most steps a fit may take (it stops on convergence)"
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     commands.add_parser(
