@@ -10,7 +10,7 @@ the model's structure is static, none of that work has to be repeated:
 3. record the objective's ``differentiable_loss`` as a function of (parameters, data) with
    ``torch.jit.trace`` (random draws stay random: sampling ops are recorded, not their values);
 4. each step: run the traced loss, ``backward``, and one ``torch.optim.Adam`` over all leaves
-   (``foreach`` implementation).
+   (the ``fused`` implementation where torch has it, else ``foreach``).
 
 The losses match the normal path at the same seed (the same ops draw the same random numbers;
 the checks and the recording draw theirs from a forked generator).
@@ -77,6 +77,17 @@ def check_static_structure(model, guide, args, kwargs) -> None:
         )
 
 
+def _fused_adam(params, lr, options):
+    """One Adam over all parameters: the fused kernel (one launch per step; about half the time
+    of ``foreach`` on (a)) where torch has it for these tensors, else ``foreach``."""
+    if "fused" not in options and "foreach" not in options:
+        try:
+            return torch.optim.Adam(params, lr=lr, fused=True, **options)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return torch.optim.Adam(params, lr=lr, **{"foreach": True, **options})
+
+
 class CompiledStep:
     """A compiled SVI step for ``(model, guide, loss)``; call it with the model's arguments.
 
@@ -108,7 +119,7 @@ class CompiledStep:
             if not leaf.is_leaf:
                 raise StaticStructureError(f"parameter {name!r} is not a leaf tensor")
         self._traced = self._trace(args)
-        self.optimizer = torch.optim.Adam(self.params, lr=lr, foreach=True, **(adam or {}))
+        self.optimizer = _fused_adam(self.params, lr, adam or {})
 
     def _trace(self, args):
         return _trace_loss(
