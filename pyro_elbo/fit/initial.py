@@ -21,35 +21,17 @@ import warnings
 
 import pyro
 import torch
-from pyro.infer.autoguide import (
-    AutoDelta,
-    AutoDiagonalNormal,
-    AutoLaplaceApproximation,
-    AutoLowRankMultivariateNormal,
-    AutoMultivariateNormal,
-    AutoNormal,
-)
+
+from pyro_elbo.engine.particles import GAUSSIAN_AUTOGUIDES
+from pyro_elbo.init.laplace import SUPPORTED_GUIDES as LAPLACE_GUIDES
 
 __all__ = ["INIT_CHOICES", "WHITENED_LR", "LaplaceStage", "check_init", "run_laplace"]
 
 INIT_CHOICES = ("auto", "laplace", None)
 #: Adam's step in whitened units (posterior sds) after the Laplace stage
 WHITENED_LR = 0.05
-
-LAPLACE_GUIDES = (
-    AutoNormal,
-    AutoDiagonalNormal,
-    AutoMultivariateNormal,
-    AutoLowRankMultivariateNormal,
-    AutoLaplaceApproximation,
-    AutoDelta,
-)
-WHITENED_GUIDES = (
-    AutoNormal,
-    AutoDiagonalNormal,
-    AutoMultivariateNormal,
-    AutoLowRankMultivariateNormal,
-)
+#: the guides :class:`~pyro_elbo.init.WhitenedAdam` whitens
+WHITENED_GUIDES = GAUSSIAN_AUTOGUIDES
 
 
 class LaplaceStage:

@@ -87,6 +87,17 @@ _EIG_FLOOR = 1.0
 _DECREMENT_TOL = 1e-8
 
 
+#: the autoguides :func:`set_guide` knows how to set from the Laplace approximation
+SUPPORTED_GUIDES = (
+    AutoNormal,
+    AutoDiagonalNormal,
+    AutoMultivariateNormal,
+    AutoLowRankMultivariateNormal,
+    AutoLaplaceApproximation,
+    AutoDelta,
+)
+
+
 class LaplaceUnavailable(ValueError):
     """The model has no Laplace stage: it subsamples data, or its potential is not finite
     anywhere it was tried.  ``fit`` should skip the stage and say why."""
@@ -741,15 +752,7 @@ def set_guide(guide, result: LaplaceResult, *, diagonal: str = "conditional",
     mode and leave the scales (no curvature)."""
     if guide is None:
         return False, "no guide given: the mode and Hessian are in the result"
-    supported = (
-        AutoNormal,
-        AutoDiagonalNormal,
-        AutoMultivariateNormal,
-        AutoLowRankMultivariateNormal,
-        AutoLaplaceApproximation,
-        AutoDelta,
-    )
-    if not isinstance(guide, supported):
+    if not isinstance(guide, SUPPORTED_GUIDES):
         return False, (
             f"{type(guide).__name__} is not one of the autoguides laplace_init knows "
             "(AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal, "
