@@ -25,7 +25,14 @@ import torch
 from pyro_elbo.engine.particles import GAUSSIAN_AUTOGUIDES
 from pyro_elbo.init.laplace import SUPPORTED_GUIDES as LAPLACE_GUIDES
 
-__all__ = ["INIT_CHOICES", "WHITENED_LR", "LaplaceStage", "check_init", "run_laplace"]
+__all__ = [
+    "INIT_CHOICES",
+    "WHITENED_LR",
+    "LaplaceStage",
+    "check_init",
+    "default_optimizer",
+    "run_laplace",
+]
 
 INIT_CHOICES = ("auto", "laplace", None)
 #: Adam's step in whitened units (posterior sds) after the Laplace stage
