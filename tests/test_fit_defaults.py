@@ -244,3 +244,39 @@ def test_the_density_check_runs_after_the_laplace_stage():
     result = fit(model, None, x, y, seed=0, progress=False)
     assert result.init.ran and result.converged
     assert all(math.isfinite(v) for v in result.losses)
+
+
+def _knocked_off(dim):
+    """LinearRegression(D) with the guide at its Laplace answer, then 1 sd off along every
+    whitened direction and 1.5x too wide."""
+    from pyro_elbo.init.laplace import laplace_init
+
+    oracle = LinearRegression.simulate(1000, dim, seed=0, dtype=torch.float64)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoMultivariateNormal(oracle.model)
+    laplace_init(oracle.model, guide)
+    with guide._pyro_context:
+        tril = (guide.scale[:, None] * guide.scale_tril).detach()
+        guide.loc.data = guide.loc.data + tril @ torch.ones(dim, dtype=torch.float64)
+        guide.scale = 1.5 * guide.scale.detach()
+    return oracle, guide
+
+
+def test_the_whitened_step_shrinks_with_the_dimension():
+    """At D = 50 a whitened step of 0.05 (eps 0.1) multiplies the error (the STL noise in the
+    D^2 Cholesky coordinates); fit's default, 0.05 * sqrt(20 / D) with eps 1, converges."""
+    from pyro_elbo.init.conditioning import default_lr, whitened_optim
+
+    assert default_lr(5) == 0.05 and default_lr(80) == pytest.approx(0.025)
+    kls = {}
+    for label in ("fixed", "default"):
+        oracle, guide = _knocked_off(50)
+        optim = WhitenedAdam(guide, 0.05, eps=0.1) if label == "fixed" else whitened_optim(guide)
+        svi = pyro.infer.SVI(oracle.model, guide, optim, ELBO(4, estimator="stl"))
+        with pyro.validation_enabled(False):
+            for _ in range(400):
+                svi.step()
+        kls[label] = float(kl_divergence(posterior_of(guide), oracle.posterior()))
+    assert kls["fixed"] > 1.0, kls
+    assert kls["default"] < 1e-3, kls

@@ -27,7 +27,6 @@ from pyro_elbo.init.laplace import SUPPORTED_GUIDES as LAPLACE_GUIDES
 
 __all__ = [
     "INIT_CHOICES",
-    "WHITENED_LR",
     "LaplaceStage",
     "check_init",
     "default_optimizer",
@@ -35,8 +34,6 @@ __all__ = [
 ]
 
 INIT_CHOICES = ("auto", "laplace", None)
-#: Adam's step in whitened units (posterior sds) after the Laplace stage
-WHITENED_LR = 0.05
 #: the guides :class:`~pyro_elbo.init.WhitenedAdam` whitens
 WHITENED_GUIDES = GAUSSIAN_AUTOGUIDES
 
@@ -168,6 +165,6 @@ def default_optimizer(stage: LaplaceStage, guide):
     """``WhitenedAdam`` after a Laplace stage on a Gaussian autoguide, else ``None`` (Adam)."""
     if not stage.ran or not isinstance(guide, WHITENED_GUIDES):
         return None
-    from pyro_elbo.init.conditioning import WhitenedAdam
+    from pyro_elbo.init.conditioning import whitened_optim
 
-    return WhitenedAdam(guide, WHITENED_LR)
+    return whitened_optim(guide)

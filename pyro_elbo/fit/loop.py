@@ -576,9 +576,10 @@ def fit(
         (``estimator="reparam"`` when the guide has a site without ``rsample``).
     :param optim: ``pyro.optim.Adam({...})`` (any ``PyroOptim``), a torch optimizer class or
         ``functools.partial`` of one (built over all parameters), or a constructed torch
-        optimizer holding them.  Default: :class:`pyro_elbo.init.WhitenedAdam` (lr 0.05 in
-        posterior sds) after a Laplace stage on a Gaussian autoguide, else
-        ``torch.optim.Adam(lr=0.01)``.
+        optimizer holding them.  Default: :func:`pyro_elbo.init.conditioning.whitened_optim`
+        (Adam in the whitened coordinates of the Laplace Gaussian, step
+        ``0.05 * min(1, sqrt(20 / D))`` posterior sds) after a Laplace stage on a Gaussian
+        autoguide, else ``torch.optim.Adam(lr=0.01)``.
     :param num_steps: run exactly this many steps (convergence is then not checked).
     :param int max_steps: with ``num_steps=None``, the most steps before giving up (10,000).
     :param progress: ``True``, ``False`` or ``"auto"`` (on a terminal or in a notebook).
