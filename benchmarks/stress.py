@@ -854,10 +854,11 @@ def main(argv=None):
         cases = [CASES[n]() for n in args.cases]
         load_references(cases, refresh=args.refresh_reference)
         results.setdefault("cases", {})
-        for case in cases:
-            results["cases"][case.name] = {"reference": case.reference_info,
-                                           "notes": case.notes,
-                                           "rows": run_case(case, args.settings, args.quick)}
+        for case in cases:  # a run of some settings keeps the other settings' rows
+            entry = results["cases"].setdefault(case.name, {"rows": {}})
+            entry.update(reference=case.reference_info, notes=case.notes)
+            entry["rows"].update(run_case(case, args.settings, args.quick))
+            entry["rows"] = {k: entry["rows"][k] for k in SETTINGS if k in entry["rows"]}
     if "conditioning" in args.experiments:
         results["conditioning"] = conditioning_experiment()
     if "guides" in args.experiments:
