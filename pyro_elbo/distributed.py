@@ -64,7 +64,6 @@ import math
 import numbers
 import os
 import socket
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -77,6 +76,8 @@ import pyro.util
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
+
+from pyro_elbo.fit import checkpoint as ckpt
 
 __all__ = [
     "DistributedContext",
@@ -470,37 +471,14 @@ def _broadcast_object(ctx, obj):
 # ---------------------------------------------------------------------------------- checkpoints
 
 
-def _atomic_save(obj, path: str) -> None:
-    """``torch.save`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+#: the format tag of ``fit_distributed``'s checkpoints
+FORMAT = "pyro_elbo.distributed/1"
 
 
 def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint written by :func:`fit_distributed` (a trusted file: it holds RNG
-    states, so it is unpickled with ``weights_only=False``)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Read a checkpoint written by :func:`fit_distributed`: ``torch.load(weights_only=True)``
+    (tensors and plain values only, as :mod:`pyro_elbo.fit.checkpoint` writes them)."""
+    return ckpt.load(path, format=FORMAT)
 
 
 # ---------------------------------------------------------------------------------- fitting
@@ -685,7 +663,7 @@ def fit_distributed(
     sync.broadcast_params()
     if state is not None:
         if state["world_size"] == ctx.world_size:
-            pyro.util.set_rng_state(state["rng"][ctx.rank])
+            ckpt.set_rng_state(state["rng"][ctx.rank])
         else:
             warnings.warn(
                 f"resuming a {state['world_size']}-rank checkpoint on {ctx.world_size} ranks: "
@@ -695,13 +673,14 @@ def fit_distributed(
             pyro.set_rng_seed(seed + ctx.rank + ctx.world_size * start)
 
     def save(step):
-        rng = _gather(ctx, pyro.util.get_rng_state())
+        rng = _gather(ctx, ckpt.get_rng_state())
         if not ctx.is_main:
             return
         with torch.no_grad():
             values = {n: p.detach().cpu().clone() for n, p in zip(names, params)}
-        _atomic_save(
+        ckpt.save_atomic(
             {
+                "format": FORMAT,
                 "step": step,
                 "params": values,
                 "optimizer": optimizer.state_dict(),

@@ -118,20 +118,16 @@ class CompiledStep:
         for name, leaf in zip(self.param_names, self.params):
             if not leaf.is_leaf:
                 raise StaticStructureError(f"parameter {name!r} is not a leaf tensor")
-        self._traced = self._trace(args)
-        self.optimizer = _fused_adam(self.params, lr, adam or {})
-
-    def _trace(self, args):
-        return _trace_loss(
-            self.model, self.guide, self.loss, self.param_names, self.params, args, self.kwargs
+        self._loss_and_grads = CompiledLossAndGrads(
+            model, guide, loss, self.param_names, self.params, args, kwargs
         )
+        self.optimizer = _fused_adam(self.params, lr, adam or {})
 
     def __call__(self, *args) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._traced(*self.params, *args)
-        loss.backward()
+        value = self._loss_and_grads(self.model, self.guide, *args, **self.kwargs)
         self.optimizer.step()
-        return loss.item()
+        return value
 
 
 def _trace_loss(model, guide, loss, names, params, args, kwargs):
@@ -184,9 +180,13 @@ class CompiledLossAndGrads:
                 f"the compiled step was traced with keyword arguments {sorted(self.kwargs)} "
                 f"and called with {sorted(kwargs)}"
             )
-        loss = self._get(args)(*self.params, *args)
+        loss = self.loss(*args)
         loss.backward()
         return loss.item()
+
+    def loss(self, *args) -> torch.Tensor:
+        """The traced loss at the current parameters (differentiable; no backward)."""
+        return self._get(args)(*self.params, *args)
 
 
 def compiled_loss_and_grads(model, guide, objective, names, params, args, kwargs, *, batched):

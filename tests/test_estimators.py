@@ -462,7 +462,7 @@ ALL_ELBO_ESTIMATORS = {
 }
 
 
-def check_objective_runs(make_objective, guide_name, oracle):
+def assert_objective_runs(make_objective, guide_name, oracle):
     """One SVI step and one differentiable_loss backward; the two give the same gradient."""
     model = oracle.model
     factory = GUIDES[guide_name]
@@ -503,7 +503,7 @@ def check_objective_runs(make_objective, guide_name, oracle):
 @pytest.mark.parametrize("estimator", list(ALL_ELBO_ESTIMATORS))
 def test_every_guide_runs(estimator, guide_name):
     oracle = NormalGamma(torch.tensor([0.3, -0.4, 1.2, 0.8, 0.1]))
-    check_objective_runs(ALL_ELBO_ESTIMATORS[estimator], guide_name, oracle)
+    assert_objective_runs(ALL_ELBO_ESTIMATORS[estimator], guide_name, oracle)
 
 
 @pytest.mark.filterwarnings("ignore:.*was not registered in the param store")

@@ -1,5 +1,7 @@
 """The compiled fast path: same losses as the normal path, same posterior, and a clear fallback."""
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -10,6 +12,7 @@ from torch.distributions import kl_divergence
 from pyro_elbo import ELBO, posterior_of
 from pyro_elbo.conjugate import LinearRegression
 from pyro_elbo.fast import CompiledStep, compile_step
+from pyro_elbo.fit import fit
 
 
 def logistic_problem():
@@ -44,7 +47,7 @@ def test_compiled_loss_and_gradient_match_normal_path(loss):
         return torch.stack(values)
 
     eager = draws(lambda: loss.differentiable_loss(model, guide, *args))
-    traced = draws(lambda: step._traced(*step.params, *args))
+    traced = draws(lambda: step._loss_and_grads.loss(*args))
     se = (eager.var(0) / len(eager) + traced.var(0) / len(traced)).sqrt()
     assert torch.all((eager.mean(0) - traced.mean(0)).abs() < 4 * se + 1e-6)
 
@@ -60,18 +63,33 @@ def test_compiled_fit_reaches_exact_posterior():
     assert float(kl) < 0.01
 
 
-def test_dynamic_structure_falls_back_with_a_warning():
+def dynamic_model():
+    """A model whose site ``extra`` comes and goes from one run to the next."""
     counter = {"n": 0}
 
     def model():
         counter["n"] += 1
         loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
-        if counter["n"] % 2:  # a site that comes and goes
+        if counter["n"] % 2:
             pyro.sample("extra", dist.Normal(loc, 1.0), obs=torch.tensor(0.0))
         pyro.sample("obs", dist.Normal(loc, 1.0), obs=torch.tensor(1.0))
 
+    return model
+
+
+def test_dynamic_structure_falls_back_with_a_warning():
+    model = dynamic_model()
     guide = AutoNormal(model)
     with pytest.warns(UserWarning, match="falling back.*structure changes"):
         step = compile_step(model, guide, lr=0.01)
     assert not isinstance(step, CompiledStep)
     assert isinstance(step(), float)
+
+
+def test_compiled_fit_falls_back_on_dynamic_structure():
+    model = dynamic_model()
+    guide = AutoNormal(model)
+    with pytest.warns(UserWarning, match=r"compile=True\): falling back .*structure changes"):
+        result = fit(model, guide, num_steps=5, progress=False, init=None, compile=True)
+    assert not result.compiled and len(result.losses) == 5
+    assert all(math.isfinite(v) for v in result.losses)

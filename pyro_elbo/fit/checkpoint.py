@@ -87,9 +87,10 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def load(path) -> dict:
+def load(path, format: str = FORMAT) -> dict:
     """Read a checkpoint with ``torch.load(weights_only=True)``; raise :class:`CheckpointError`
-    if it is not a readable fit checkpoint."""
+    if it is not a readable checkpoint of ``format`` (``fit``'s by default; ``fit_distributed``
+    writes its own)."""
     path = os.fspath(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -100,11 +101,11 @@ def load(path) -> dict:
             "Pass resume=False to start over (the file will be overwritten), or another "
             "checkpoint path."
         ) from error
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") != format:
         raise CheckpointError(
-            f"{path!r} is not a pyro_elbo.fit checkpoint (format "
+            f"{path!r} is not a {format.split('/')[0]} checkpoint (format "
             f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}, "
-            f"expected {FORMAT!r}). Pass resume=False to start over, or another checkpoint path."
+            f"expected {format!r}). Pass resume=False to start over, or another checkpoint path."
         )
     return state
 

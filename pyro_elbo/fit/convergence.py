@@ -51,6 +51,7 @@ of windows cannot stop the run.  No averaging is done.
 
 from __future__ import annotations
 
+import abc
 import math
 import warnings
 import zlib
@@ -161,7 +162,7 @@ def fisher_diagonal(
 # ------------------------------------------------------------------ rules
 
 
-class ConvergenceRule:
+class ConvergenceRule(abc.ABC):
     """Interface of a stopping rule: ``fit`` calls :meth:`bind` once, then :meth:`update` after
     every step (``True`` stops the loop), then :meth:`finish` (which may change the parameters).
     ``state_dict``/``load_state_dict`` make checkpoints resume bit for bit."""
@@ -170,13 +171,16 @@ class ConvergenceRule:
 
     def bind(self, context) -> None:
         """``context`` has ``leaves``, ``names``, ``guide_names``, ``max_steps`` and ``fisher``
-        (a function of the leaves returning the flat Fisher diagonal)."""
+        (a function of the leaves returning the flat Fisher diagonal).  Default: nothing."""
+        return None
 
+    @abc.abstractmethod
     def update(self, step: int, loss: float) -> bool:
-        raise NotImplementedError
+        """Take the step's loss; ``True`` stops the loop."""
 
     def finish(self) -> None:
-        """Called once after the loop."""
+        """Called once after the loop.  Default: nothing."""
+        return None
 
     @property
     def status(self) -> str:
@@ -194,7 +198,8 @@ class ConvergenceRule:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """Restore :meth:`state_dict`'s value.  Default: a stateless rule has nothing to do."""
+        return None
 
 
 class AutoConvergence(ConvergenceRule):

@@ -12,6 +12,7 @@ calls), ``differentiable_loss`` (what ``ELBOModule`` and torch optimizers use) a
 
 from __future__ import annotations
 
+import abc
 import numbers
 
 import pyro.infer
@@ -74,10 +75,10 @@ class ParticleObjective(pyro.infer.ELBO):
         """Extra keyword arguments for :func:`run_particles` (``detach_params``, ``beta``...)."""
         return {}
 
+    @abc.abstractmethod
     def _loss_and_surrogate(self, particles: Particles, need_surrogate: bool):
         """Return ``(loss, surrogate)``: the loss value and a tensor whose gradient is the
         estimator (``surrogate`` may be ``None`` when ``need_surrogate`` is False)."""
-        raise NotImplementedError
 
     # ----------------------------------------------------------------- engine access
     def run_particles(self, model, guide, args, kwargs, **options) -> Particles:
