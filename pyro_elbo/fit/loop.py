@@ -51,6 +51,7 @@ import pyro.poutine as poutine
 import torch
 
 from pyro_elbo.fit import checkpoint as ckpt
+from pyro_elbo.fit import identity, interrupt, location
 from pyro_elbo.fit.convergence import fisher_diagonal, fisher_seed, make_rule
 from pyro_elbo.fit.initial import LaplaceStage, check_init, default_optimizer, run_laplace
 from pyro_elbo.fit.preflight import (
@@ -99,7 +100,9 @@ class FitResult:
       (the recommended ones when ``fit`` chose them);
     * ``init``: what the stage before step 1 did (a :class:`~pyro_elbo.fit.initial.LaplaceStage`:
       ``.ran``, ``.result``, ``.message``, ``.seconds``);
-    * ``compiled``: whether the steps ran on the compiled fast path.
+    * ``compiled``: whether the steps ran on the compiled fast path;
+    * ``checkpoint_error``: the :class:`~pyro_elbo.fit.checkpoint.CheckpointWriteError` of a
+      checkpoint that could not be written (the previous one is kept), else ``None``.
     """
 
     losses: np.ndarray
@@ -115,6 +118,7 @@ class FitResult:
     optim: object = None
     init: object = None
     compiled: bool = False
+    checkpoint_error: Exception | None = None
 
     def __repr__(self):
         last = f", final loss {self.losses[-1]:.6g}" if len(self.losses) else ""
@@ -608,7 +612,10 @@ def fit(
         not; ``None``: start from the guide as it is (e.g. to continue an earlier fit).
     :returns: a :class:`FitResult`.
 
-    A ``KeyboardInterrupt`` ends the run early: the state reached is checkpointed and returned.
+    Ctrl-C (SIGINT) ends the run after the current step: that state is checkpointed and
+    returned; SIGTERM likewise checkpoints it, then ends the process (:mod:`.interrupt`).  With
+    a checkpoint, the path is checked and locked before step 1 (:mod:`.location`); a failed
+    write later keeps the previous checkpoint and the result carries ``checkpoint_error``.
     """
     started = time.perf_counter()
     check_init(init)
@@ -644,16 +651,26 @@ def fit(
         batches=_Batches(data) if data is not None else None,
         init=init,
         compile=compile,
+        seed=seed,
     )
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    run.prepare()
-    if run.checkpoint is not None and resume and os.path.exists(run.checkpoint):
-        finished = run.resume()
-        if finished is not None:
-            return dataclasses.replace(finished, seconds=time.perf_counter() - started)
-    run.loop()
-    return run.finish(time.perf_counter() - started)
+    lock = None if run.checkpoint is None else location.claim(run.checkpoint)
+    try:
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        run.prepare()
+        if run.checkpoint is not None:
+            location.check_space(run.checkpoint, location.estimate_bytes(run.leaves, run.target))
+        if run.checkpoint is not None and resume and os.path.exists(run.checkpoint):
+            finished = run.resume()
+            if finished is not None:
+                return dataclasses.replace(finished, seconds=time.perf_counter() - started)
+        run.loop()
+        result = run.finish(time.perf_counter() - started)
+    finally:
+        if lock is not None:
+            lock.release()
+    interrupt.redeliver(run.signal)  # SIGTERM ends the process, after the checkpoint
+    return result
 
 
 class _Run:
@@ -669,6 +686,9 @@ class _Run:
         self.step = 0
         self.stop = None  # why the loop ended early
         self.resumed_from = None
+        self.signal = None  # SIGINT/SIGTERM that stopped the loop
+        self.torn = False  # stopped mid-step (a second Ctrl-C): keep the last checkpoint
+        self.checkpoint_error = None
 
     # -------------------------------------------------------------- before step 1
     def prepare(self):
@@ -714,6 +734,7 @@ class _Run:
         self.guide_names = set(pre.guide_params)
         if self.rule is not None:
             self.rule.bind(self._context())
+        self.identity = identity.of_run(self, pre)
 
     def _choose_defaults(self, args, kwargs):
         """The recommended guide and objective where the user gave none."""
@@ -789,7 +810,7 @@ class _Run:
     def resume(self):
         """Restore the checkpoint; return a result if it holds a finished run, else ``None``."""
         path, rule = self.checkpoint, self.rule
-        state = ckpt.load(path)
+        state = ckpt.load(path, required=ckpt.REQUIRED_KEYS)
         ckpt.check_fingerprint(
             state["fingerprint"], ckpt.fingerprint(self.names, self.leaves), path
         )
@@ -799,10 +820,11 @@ class _Run:
                 f"but this run uses a {self.opt.kind} one ({type(self.opt.optimizer).__name__}); "
                 "pass the same kind of optim, or resume=False to start over."
             )
+        notices = identity.check_resume(self, state, path)
         with torch.no_grad():
             for name, leaf in zip(self.names, self.leaves):
                 leaf.copy_(state["params"][name])
-        self.opt.load_state_dict(state["optim"]["state"])
+        identity.load_optimizer(self, state, path)
         self.step = int(state["step"])
         self.losses = [float(v) for v in state["losses"].tolist()]
         self.skipped = [int(s) for s in state["skipped"]]
@@ -817,14 +839,11 @@ class _Run:
                     "afresh at the resumed step.",
                     stacklevel=3,
                 )
-        if state.get("objective") != repr(self.objective):
-            warnings.warn(
-                f"fit: resuming a checkpoint written with the objective {state.get('objective')}"
-                f" under {self.objective!r}",
-                stacklevel=3,
-            )
         if self.batches is not None and state.get("data") is not None:
-            self.batches.load_state_dict(state["data"])
+            identity.load_batches(self.batches, state["data"], path)
+        if notices:
+            warnings.warn(f"fit: resuming {path!r} at step {self.step}: {'; '.join(notices)}",
+                          ckpt.ResumeNotice, stacklevel=3)
         ckpt.set_rng_state(state["rng"])  # last: the data loader's replay above draws too
         self.resumed_from = self.step
         if state["done"] and (state["converged"] or self.step >= self.target):
@@ -838,28 +857,37 @@ class _Run:
         return None
 
     def save(self, done=False, converged=False, reason=""):
+        """Write the checkpoint; a failed write keeps the previous one, warns, and is kept in
+        ``checkpoint_error`` for the result (the run and its parameters go on in memory)."""
         rule = self.rule
-        ckpt.save_atomic(
-            {
-                "format": ckpt.FORMAT,
-                "fingerprint": ckpt.fingerprint(self.names, self.leaves),
-                "params": {name: leaf.detach() for name, leaf in zip(self.names, self.leaves)},
-                "optim": {"kind": self.opt.kind, "state": self.opt.state_dict()},
-                "rng": ckpt.get_rng_state(),
-                "step": self.step,
-                "losses": torch.tensor(self.losses, dtype=torch.float64),
-                "skipped": list(self.skipped),
-                "rule": None
-                if rule is None
-                else {"type": type(rule).__name__, "state": rule.state_dict()},
-                "data": self.batches.state_dict() if self.batches is not None else None,
-                "objective": repr(self.objective),
-                "done": done,
-                "converged": converged,
-                "reason": reason,
-            },
-            self.checkpoint,
-        )
+        if self.torn:
+            return
+        state = {
+            "format": ckpt.FORMAT,
+            "fingerprint": ckpt.fingerprint(self.names, self.leaves),
+            "params": {name: leaf.detach() for name, leaf in zip(self.names, self.leaves)},
+            "optim": {"kind": self.opt.kind, "state": self.opt.state_dict()},
+            "rng": ckpt.get_rng_state(),
+            "step": self.step,
+            "losses": torch.tensor(self.losses, dtype=torch.float64),
+            "skipped": list(self.skipped),
+            "rule": None
+            if rule is None
+            else {"type": type(rule).__name__, "state": rule.state_dict()},
+            "data": self.batches.state_dict() if self.batches is not None else None,
+            "objective": repr(self.objective),
+            "run": self.identity,
+            "target": self.target,
+            "done": done,
+            "converged": converged,
+            "reason": reason,
+        }
+        try:
+            ckpt.save_atomic(state, self.checkpoint)
+        except ckpt.CheckpointWriteError as error:
+            if self.checkpoint_error is None:
+                warnings.warn(f"fit: {error}", RuntimeWarning, stacklevel=3)
+            self.checkpoint_error = error
 
     # -------------------------------------------------------------- the loop
     def loop(self):
@@ -877,13 +905,20 @@ class _Run:
         num_in_store = len(store)
         finite = math.isfinite
         step = self.step
+        signals = interrupt.DeferSignals(sigterm=checkpoint is not None)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), signals:
                 warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
                 warnings.filterwarnings(
                     "ignore", message="Encountered \\+?-?inf", category=UserWarning
                 )
                 while step < target:
+                    if signals.received is not None:  # between steps: a consistent state
+                        self.signal = signals.received
+                        self.stop = f"interrupted ({signals.name}) after {step} steps"
+                        warnings.warn(f"fit: {self.stop}; checkpointing and returning the "
+                                      "state reached", stacklevel=3)
+                        break
                     if batches is not None:
                         try:
                             batch = batches.next()
@@ -928,8 +963,10 @@ class _Run:
                         bar.set_postfix_str(_postfix(losses, rule), refresh=False)
                     if finished:
                         break
-        except KeyboardInterrupt:
-            self.stop = f"interrupted (KeyboardInterrupt) after {self.step} steps"
+        except KeyboardInterrupt:  # mid-step (a second Ctrl-C): the last checkpoint is kept
+            self.torn, self.step = True, len(self.losses)
+            self.stop = (f"interrupted (KeyboardInterrupt) mid-step after {self.step} steps; "
+                         "the checkpoint keeps the last state written")
             self.opt.zero_grad()
             warnings.warn(f"fit: {self.stop}; returning the state reached", stacklevel=3)
         finally:
@@ -1007,6 +1044,7 @@ class _Run:
             optim=self.opt.optimizer,
             init=getattr(self, "stage", LaplaceStage()),
             compiled=bool(getattr(self, "compiled", False)),
+            checkpoint_error=self.checkpoint_error,
         )
 
 
