@@ -156,28 +156,73 @@ class InferenceDict:
 
     # ------------------------------------------------------------------ files
     def save(self, path) -> Path:
-        """Write ``<path>.npz`` (the arrays) and ``<path>.json`` (dims, coords, attrs); returns
-        the npz path.  :meth:`load` reads them back without torch or pyro."""
-        path = Path(path).with_suffix(".npz")
+        """Write ``<path>.npz`` (the arrays, and the metadata) and ``<path>.json`` (dims, coords,
+        attrs, readable); returns the npz path.  :meth:`load` reads them back without torch or
+        pyro.
+
+        ``path`` is a name, not a file with a suffix to replace: ``save("fit.seed1")`` writes
+        ``fit.seed1.npz`` (a trailing ``.npz`` or ``.json`` is dropped).  Each file is written
+        to a temporary file of its own and renamed over the old one, so a reader never sees a
+        torn file; the npz carries its own copy of the metadata, so :meth:`load` never pairs
+        arrays with the metadata of another save.
+        """
+        base = _base_path(path)
         arrays = {f"{g}/{v}": np.asarray(a) for g, vs in self.groups.items() for v, a in vs.items()}
-        np.savez(path, **arrays)
-        meta = {
-            "groups": {g: list(vs) for g, vs in self.groups.items()},
-            "dims": self.dims,
-            "coords": {d: np.asarray(c).tolist() for d, c in self.coords.items()},
-            "attrs": self.attrs,
-        }
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=_json_default))
-        return path
+        meta = json.dumps(
+            {
+                "groups": {g: list(vs) for g, vs in self.groups.items()},
+                "dims": self.dims,
+                "coords": {d: np.asarray(c).tolist() for d, c in self.coords.items()},
+                "attrs": self.attrs,
+            },
+            indent=1,
+            default=_json_default,
+        )
+        npz = base.with_name(base.name + ".npz")
+        _write_atomic(npz, lambda handle: np.savez(handle, **arrays, **{_META: np.array(meta)}))
+        _write_atomic(base.with_name(base.name + ".json"), lambda h: h.write(meta.encode()))
+        return npz
 
     @classmethod
     def load(cls, path) -> InferenceDict:
-        """Read what :meth:`save` wrote."""
-        path = Path(path).with_suffix(".npz")
-        meta = json.loads(path.with_suffix(".json").read_text())
-        with np.load(path, allow_pickle=False) as arrays:
+        """Read what :meth:`save` wrote (``path`` as given to it, or the npz path)."""
+        base = _base_path(path)
+        npz = base.with_name(base.name + ".npz")
+        with np.load(npz, allow_pickle=False) as arrays:
+            if _META in arrays.files:
+                meta = json.loads(str(arrays[_META]))
+            else:  # written before the metadata was stored in the npz
+                meta = json.loads(base.with_name(base.name + ".json").read_text())
             groups = {g: {v: arrays[f"{g}/{v}"] for v in vs} for g, vs in meta["groups"].items()}
         return cls(groups, meta["dims"], meta["coords"], meta["attrs"])
+
+
+#: the npz key of the metadata (group/variable keys always hold a "/")
+_META = "__meta__"
+
+
+def _base_path(path) -> Path:
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in (".npz", ".json") else path
+
+
+def _write_atomic(path: Path, write) -> None:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _json_default(value):

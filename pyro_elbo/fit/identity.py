@@ -284,19 +284,24 @@ def compare(saved: dict, current: dict, path) -> list[str]:
         ("data", "data"),
         ("dtype", "default dtype"),
     ):
-        if saved.get(key) != current.get(key):
-            differences.append(f"{label}: {_difference(saved.get(key), current.get(key))}")
+        old, new = saved.get(key), current.get(key)
+        if key == "objective" and old and new and old.get("type") != new.get("type"):
+            old, new = old.get("type"), new.get("type")
+        if old != new:
+            differences.append(f"{label}: {_difference(old, new)}")
     if current.get("seed") is not None and saved.get("seed") != current.get("seed"):
         differences.append(
             f"seed: checkpoint {saved.get('seed')}, this run {current.get('seed')} (a resumed run "
             "continues the checkpoint's random stream; pass its seed, or seed=None)"
         )
     old, new = saved.get("optimizer") or {}, current.get("optimizer") or {}
-    if old.get("type") != new.get("type") or old.get("hyper") != new.get("hyper"):
+    if old.get("type") != new.get("type"):
         differences.append(
-            f"optimizer: checkpoint {old.get('type')} {old.get('hyper')}, this run "
-            f"{new.get('type')} {new.get('hyper')} (its state cannot be carried over)"
+            f"optimizer: checkpoint {old.get('type')}, this run {new.get('type')} (its state "
+            "cannot be carried over)"
         )
+    elif old.get("hyper") != new.get("hyper"):
+        differences.append(f"optimizer {_difference(old.get('hyper'), new.get('hyper'))}")
     elif old.get("lr") != new.get("lr"):
         notices.append(f"learning rate {_lr(old.get('lr'))} -> {_lr(new.get('lr'))} (applied)")
     if differences:
