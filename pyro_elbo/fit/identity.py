@@ -38,6 +38,7 @@ __all__ = [
     "describe_run",
     "describe_traces",
     "describe_value",
+    "raise_if_empty",
     "load_batches",
     "load_optimizer",
     "of_run",
@@ -132,6 +133,22 @@ def load_batches(batches, data_state, path) -> None:
             "this run's data yield fewer batches per epoch: it is not the data of that run. "
             "Pass the same data (dataset and batch size), or resume=False to start over."
         ) from None
+
+
+def raise_if_empty(error, args, kwargs) -> None:
+    """Explain a ``ZeroDivisionError`` from running the model (Pyro's plate scale ``N / 0``)
+    with empty data: raise a ``ValueError`` naming the empty arguments (else return)."""
+    empty = [
+        f"{where} (shape {tuple(value.shape)})"
+        for where, value in [*((f"args[{i}]", a) for i, a in enumerate(args)), *kwargs.items()]
+        if isinstance(value, torch.Tensor) and value.dim() and 0 in value.shape
+    ]
+    if empty:
+        raise ValueError(
+            f"fit: the data are empty: {', '.join(empty)} has no rows, and the model's plate "
+            "cannot scale a batch of 0 rows (ZeroDivisionError). Pass data with at least one "
+            "row."
+        ) from error
 
 
 # ------------------------------------------------------------------ descriptions

@@ -410,6 +410,9 @@ def _find_nonfinite(objective, model, guide, args, kwargs, rng_state, leaves):
                     if site["type"] != "sample" or name in {f[1] for f in found}:
                         continue
                     value = site["value"]
+                    if site["is_observed"] and _has_nonfinite(value):
+                        found.append((role, name, DATA_NONFINITE))
+                        continue
                     if (
                         not site["is_observed"]
                         and isinstance(value, torch.Tensor)
@@ -439,6 +442,18 @@ def _find_nonfinite(objective, model, guide, args, kwargs, rng_state, leaves):
                     if any(g is not None and not bool(torch.isfinite(g).all()) for g in grads):
                         found.append((role, name, "log-density has a non-finite gradient"))
     return found, note
+
+
+#: what :func:`_find_nonfinite` says of an observed site whose data hold NaN/inf
+DATA_NONFINITE = "the observed data hold NaN/inf"
+
+
+def _has_nonfinite(value) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not bool(torch.isfinite(value).all())
+    )
 
 
 def _kind(tensor):
@@ -486,13 +501,22 @@ def _nonfinite_error(step, loss, sites, note, bad_params, losses, skipped, cause
         )
     if skipped:
         lines.append(f"Steps already skipped: {len(skipped)} ({list(skipped[:8])}).")
-    lines.append(
-        "What to try: a smaller learning rate; check the model for operations that fail for "
-        "some latent values (log or sqrt of a value that can be negative, a scale that can "
-        "reach 0, exp overflow) and constrain those latents' support; a guide initialized "
-        "closer to the data (init_scale, init_loc_fn); or fit(..., skip_nonfinite=N) to skip up "
-        "to N such steps."
-    )
+    data_sites = [name for _, name, text in sites if text == DATA_NONFINITE]
+    if data_sites:
+        lines.append(
+            f"What to do: the data observed at {', '.join(map(repr, data_sites[:4]))} in this "
+            "step's batch hold NaN/inf; the learning rate is not the cause. Remove or impute "
+            "those rows (e.g. x[torch.isfinite(x)]), or mask them with poutine.mask / "
+            "obs_mask."
+        )
+    else:
+        lines.append(
+            "What to try: a smaller learning rate; check the model for operations that fail "
+            "for some latent values (log or sqrt of a value that can be negative, a scale that "
+            "can reach 0, exp overflow) and constrain those latents' support; a guide "
+            "initialized closer to the data (init_scale, init_loc_fn); or "
+            "fit(..., skip_nonfinite=N) to skip up to N such steps."
+        )
     return NonFiniteError(
         "\n".join(lines), step=step, sites=sites, params=bad_params, losses=losses
     )
@@ -702,7 +726,11 @@ class _Run:
         model, guide, objective = self.model, self.guide, self.objective
         # the density of the guide's draw is checked after the Laplace stage, which starts from
         # the prior's mean and may move a guide whose own initialization overflows
-        pre = check_model_guide(model, guide, objective, args, kwargs, check_density=False)
+        try:
+            pre = check_model_guide(model, guide, objective, args, kwargs, check_density=False)
+        except ZeroDivisionError as error:  # Pyro's plate scale N / 0 for an empty batch
+            identity.raise_if_empty(error, args, kwargs)
+            raise
         check_has_params(pre, guide)
         self.stage = run_laplace(
             self.init, model, guide, args, kwargs, batched=self.batches is not None
