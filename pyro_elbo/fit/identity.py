@@ -333,7 +333,8 @@ def compare(saved: dict, current: dict, path) -> list[str]:
 def _difference(old, new, where="") -> str:
     """The first place where two plain descriptions differ, in words."""
     if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new), key=str):
+        keys = sorted(set(old) | set(new), key=lambda k: (k != "type", str(k)))  # type first
+        for key in keys:
             if old.get(key) != new.get(key):
                 return _difference(
                     old.get(key), new.get(key), f"{where}.{key}" if where else str(key)

@@ -72,9 +72,8 @@ def check_location(path) -> str:
         )
     try:
         os.makedirs(directory, exist_ok=True)
-        fd, probe = tempfile.mkstemp(
-            dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp"
-        )
+        # not named like a checkpoint's temporary file: the lock holder removes those
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".probe.", suffix=".tmp")
         try:
             os.write(fd, b"\0" * 4096)
             os.fsync(fd)

@@ -688,12 +688,14 @@ def fit(
             finished = run.resume()
             if finished is not None:
                 return dataclasses.replace(finished, seconds=time.perf_counter() - started)
-        run.loop()
-        result = run.finish(time.perf_counter() - started)
+        # SIGINT/SIGTERM wait for the end of a step, and for the last checkpoint write
+        with interrupt.DeferSignals(sigterm=run.checkpoint is not None) as run.signals:
+            run.loop()
+            result = run.finish(time.perf_counter() - started)
     finally:
         if lock is not None:
             lock.release()
-    interrupt.redeliver(run.signal)  # SIGTERM ends the process, after the checkpoint
+    interrupt.redeliver(run.signals.received)  # SIGTERM ends the process, after the checkpoint
     return result
 
 
@@ -710,7 +712,7 @@ class _Run:
         self.step = 0
         self.stop = None  # why the loop ended early
         self.resumed_from = None
-        self.signal = None  # SIGINT/SIGTERM that stopped the loop
+        self.signals = interrupt.DeferSignals()  # what fit installs around the steps
         self.torn = False  # stopped mid-step (a second Ctrl-C): keep the last checkpoint
         self.checkpoint_error = None
 
@@ -933,16 +935,15 @@ class _Run:
         num_in_store = len(store)
         finite = math.isfinite
         step = self.step
-        signals = interrupt.DeferSignals(sigterm=checkpoint is not None)
+        signals = self.signals
         try:
-            with warnings.catch_warnings(), signals:
+            with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
                 warnings.filterwarnings(
                     "ignore", message="Encountered \\+?-?inf", category=UserWarning
                 )
                 while step < target:
                     if signals.received is not None:  # between steps: a consistent state
-                        self.signal = signals.received
                         self.stop = f"interrupted ({signals.name}) after {step} steps"
                         warnings.warn(f"fit: {self.stop}; checkpointing and returning the "
                                       "state reached", stacklevel=3)
