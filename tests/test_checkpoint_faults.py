@@ -36,6 +36,7 @@ from pyro_elbo.fit.checkpoint import (
     CheckpointWriteError,
     ResumeNotice,
 )
+from pyro_elbo.fit.identity import ZeroLearningRateWarning
 from pyro_elbo.objectives.elbo import ELBO
 
 pytestmark = pytest.mark.skipif(
@@ -516,8 +517,8 @@ def test_damaged_or_unsafe_checkpoints_are_named(written):
 
 
 def test_inputs_that_raised_raw_errors_are_named(tmp_path):
-    with pytest.raises(ValueError, match=r"learning rate is 0"):
-        run(None, lr=0.0)
+    with pytest.warns(ZeroLearningRateWarning, match=r"learning rate is 0 .*Pass a positive lr"):
+        run(None, lr=0.0, steps=1)
     with pytest.raises(ValueError, match=r"the data are empty: args\[0\] \(shape \(0, 2\)\)"):
         run(None, x=torch.zeros(0, 2))
     bad = X.clone()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ import torch
 from pyro_elbo.fit.checkpoint import CheckpointMismatchError
 
 __all__ = [
+    "ZeroLearningRateWarning",
     "check_resume",
     "compare",
     "describe_data",
@@ -50,17 +52,24 @@ HASH_ALL_UP_TO = 1 << 24
 _PLAIN = (bool, int, float, str, type(None))
 
 
+class ZeroLearningRateWarning(UserWarning):
+    """The optimizer's learning rate is 0: the steps will not move the parameters."""
+
+
 # ------------------------------------------------------------------ fit's hooks
 
 
 def of_run(run, preflight) -> dict:
     """The identity of a ``fit`` run after its checks before step 1 (``preflight`` holds their
-    traces).  Refuses a learning rate of 0 (every step would be a silent no-op)."""
+    traces).  Warns of a learning rate of 0 (every step a no-op; it has one use: looking at the
+    state before the steps)."""
     optimizer = describe_optimizer(run.opt)
     if optimizer["lr"] is not None and any(lr == 0 for lr in optimizer["lr"]):
-        raise ValueError(
-            f"fit: the optimizer's learning rate is 0 ({optimizer['type']}): no step would move "
-            "the parameters. Pass a positive lr."
+        warnings.warn(
+            f"fit: the optimizer's learning rate is 0 ({optimizer['type']}): no step will move "
+            "the parameters. Pass a positive lr to fit.",
+            ZeroLearningRateWarning,
+            stacklevel=4,
         )
     return describe_run(
         structure=describe_traces(preflight.model_trace, preflight.guide_trace),

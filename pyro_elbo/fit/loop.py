@@ -713,7 +713,7 @@ class _Run:
         self.stop = None  # why the loop ended early
         self.resumed_from = None
         self.signals = interrupt.DeferSignals()  # what fit installs around the steps
-        self.torn = False  # stopped mid-step (a second Ctrl-C): keep the last checkpoint
+        self.torn = False  # inside a step (a KeyboardInterrupt then: keep the last checkpoint)
         self.checkpoint_error = None
 
     # -------------------------------------------------------------- before step 1
@@ -948,6 +948,7 @@ class _Run:
                         warnings.warn(f"fit: {self.stop}; checkpointing and returning the "
                                       "state reached", stacklevel=3)
                         break
+                    self.torn = True  # until the step's bookkeeping is done
                     if batches is not None:
                         try:
                             batch = batches.next()
@@ -979,6 +980,7 @@ class _Run:
                     opt.zero_grad()
                     losses.append(value)
                     finished = rule is not None and rule.update(step, value)
+                    self.torn = False
                     if checkpoint is not None and step % every == 0 and not finished:
                         self.save()  # (the end of the run is saved by finish)
                     if callbacks:
@@ -993,9 +995,9 @@ class _Run:
                     if finished:
                         break
         except KeyboardInterrupt:  # mid-step (a second Ctrl-C): the last checkpoint is kept
-            self.torn, self.step = True, len(self.losses)
-            self.stop = (f"interrupted (KeyboardInterrupt) mid-step after {self.step} steps; "
-                         "the checkpoint keeps the last state written")
+            self.step = len(self.losses)
+            self.stop = f"interrupted (KeyboardInterrupt) after {self.step} steps" + (
+                "; mid-step, so the checkpoint keeps the last state written" if self.torn else "")
             self.opt.zero_grad()
             warnings.warn(f"fit: {self.stop}; returning the state reached", stacklevel=3)
         finally:
