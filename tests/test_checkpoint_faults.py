@@ -590,3 +590,47 @@ def test_fit_distributed_resume_applies_lr_and_refuses_dtype_casts(tmp_path):
     ):
         pyro.clear_param_store()
         fit_distributed(linreg_model, linreg_guide, bad, num_steps=4, batch_size=4, shuffle=False)
+
+
+def test_fit_distributed_sigint_mid_step_checkpoints_that_step_and_resumes_exactly(tmp_path):
+    from pyro_elbo.distributed import fit_distributed
+
+    path = str(tmp_path / "dist.ckpt")
+    x = torch.linspace(0.0, 1.0, 8)
+
+    def noisy_model(x, full_size, subsample):
+        linreg_model(x, full_size, subsample)
+        if CALLS["armed"]:
+            CALLS["count"] += 1
+            if CALLS["count"] == CALLS["at"]:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    def go(checkpoint):
+        pyro.clear_param_store()
+        result = fit_distributed(
+            noisy_model,
+            linreg_guide,
+            x,
+            num_steps=12,
+            batch_size=4,
+            lr=0.05,
+            checkpoint=checkpoint,
+            checkpoint_every=5,
+        )
+        return result, pyro.param("wm").detach().clone()
+
+    def interrupted():
+        CALLS.update(armed=True, count=0, at=8, signal=signal.SIGINT, times=1)
+        result, _ = go(path)
+        assert result.stopped_by == "SIGINT" and 5 < result.num_steps < 10
+        (tmp_path / "steps").write_text(str(result.num_steps))
+
+    CALLS.update(armed=False)
+    assert in_child(interrupted) == 0
+    state = torch.load(path, weights_only=True)
+    steps = int((tmp_path / "steps").read_text())
+    assert state["step"] == steps == len(state["losses"])  # the step under way, finished
+    straight, wm = go(str(tmp_path / "other.ckpt"))
+    resumed, wm_resumed = go(path)
+    assert resumed.start_step == steps and resumed.losses == straight.losses
+    assert torch.equal(wm, wm_resumed)
