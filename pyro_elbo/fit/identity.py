@@ -59,10 +59,10 @@ class ZeroLearningRateWarning(UserWarning):
 # ------------------------------------------------------------------ fit's hooks
 
 
-def of_run(run, preflight) -> dict:
+def of_run(run, preflight) -> dict | None:
     """The identity of a ``fit`` run after its checks before step 1 (``preflight`` holds their
-    traces).  Warns of a learning rate of 0 (every step a no-op; it has one use: looking at the
-    state before the steps)."""
+    traces), ``None`` without a checkpoint (nothing to compare: the data are not hashed).  Warns
+    of a learning rate of 0 (every step a no-op; its one use: the state before the steps)."""
     optimizer = describe_optimizer(run.opt)
     if optimizer["lr"] is not None and any(lr == 0 for lr in optimizer["lr"]):
         warnings.warn(
@@ -71,6 +71,8 @@ def of_run(run, preflight) -> dict:
             ZeroLearningRateWarning,
             stacklevel=4,
         )
+    if run.checkpoint is None:
+        return None
     return describe_run(
         structure=describe_traces(preflight.model_trace, preflight.guide_trace),
         objective=run.objective,

@@ -9,8 +9,9 @@ step.  Resuming it is then bit for bit the uninterrupted run.
 
 * A second SIGINT while the first is pending raises ``KeyboardInterrupt`` at once (the user
   insists); ``fit`` then keeps the last checkpoint written, since the state may be mid-step.
-* After the checkpoint is written, SIGTERM is sent again under the handler that was there
-  before (by default: the process ends), so a job scheduler's ``kill`` still ends the job.
+* After the checkpoint is written (or when an error ends the run), SIGTERM is sent again under
+  the handler that was there before (by default: the process ends), so a job scheduler's
+  ``kill`` still ends the job.
 * Handlers can only be installed in the main thread; elsewhere nothing changes.  A signal the
   program ignores (``SIG_IGN``) stays ignored.
 """
@@ -54,10 +55,12 @@ class DeferSignals:
             signal.signal(signum, self._handler)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, error, tb):
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}
+        if kind is not None:  # an error is on its way out: SIGTERM still ends the process
+            redeliver(self.received)
         return False
 
 
