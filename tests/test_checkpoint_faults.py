@@ -227,7 +227,7 @@ def test_concurrent_writers_one_runs_the_others_are_refused_naming_its_pid(refer
         if pid == 0:  # pragma: no cover - the child
             code = 0
             try:
-                _contender(path, gate_read, tmp_path / f"out{i}.json", 0.03)
+                _contender(path, gate_read, tmp_path / f"out{i}.json", 0.05)
             except BaseException:
                 traceback.print_exc()
                 code = 1
@@ -634,3 +634,32 @@ def test_fit_distributed_sigint_mid_step_checkpoints_that_step_and_resumes_exact
     resumed, wm_resumed = go(path)
     assert resumed.start_step == steps and resumed.losses == straight.losses
     assert torch.equal(wm, wm_resumed)
+
+
+def test_fit_distributed_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from pyro_elbo.distributed import fit_distributed, load_checkpoint
+
+    path = str(tmp_path / "dist.ckpt")
+    x = torch.linspace(0.0, 1.0, 8)
+    writes = []
+
+    def full_after_first(tmp, final):
+        writes.append(tmp)
+        if len(writes) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "_before_commit", full_after_first)
+    with pytest.warns(RuntimeWarning, match=r"could not write the checkpoint .*disk is full"):
+        result = fit_distributed(
+            linreg_model,
+            linreg_guide,
+            x,
+            num_steps=9,
+            batch_size=4,
+            checkpoint=path,
+            checkpoint_every=3,
+        )
+    assert isinstance(result.checkpoint_error, CheckpointWriteError)
+    assert result.num_steps == 9 and len(result.losses) == 9  # the run went on in memory
+    assert load_checkpoint(path)["step"] == 3  # the last write that succeeded, whole
+    assert not list(tmp_path.glob("dist.ckpt.*.tmp"))
