@@ -191,6 +191,28 @@ def test_signal_during_a_step_or_a_write_then_resume_is_bit_identical(
     assert_resumes_exactly(path, reference)
 
 
+@pytest.mark.parametrize("trial", range(4))
+def test_sigkill_from_outside_at_a_random_moment_then_resume_is_bit_identical(
+    trial, reference, tmp_path
+):
+    # a checkpoint every step: much of the run is spent writing, so the kill lands anywhere
+    # (in a step, in torch.save, between fsync and rename); whatever it hits, the file on disk
+    # is a whole checkpoint of some step, and the resume is the uninterrupted run
+    path = tmp_path / "run.ckpt"
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            run(path, checkpoint_every=1)
+        finally:
+            os._exit(0)
+    time.sleep(random.Random(trial).uniform(0.05, 0.6))
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    if path.exists():
+        assert_consistent(path, reference)
+    assert_resumes_exactly(path, reference)
+
+
 def test_second_ctrl_c_mid_step_keeps_the_last_checkpoint(reference, tmp_path):
     path = tmp_path / "run.ckpt"
 
