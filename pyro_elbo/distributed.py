@@ -584,6 +584,9 @@ def fit_distributed(
     :param bool resume: when ``checkpoint`` exists, continue from it (rank 0 reads it and sends
         it to the others).  With the same number of ranks the continuation is exact (RNG
         states of all ranks are saved); with a different number, the ranks are reseeded.
+        A checkpoint of another run (parameters or their dtypes, objective, optimizer, data,
+        seed, batches) raises ``CheckpointMismatchError``; a new ``lr`` or ``num_steps`` is
+        applied with a one-line ``ResumeNotice``.
     :param int log_every: rank 0 prints the mean loss every this many steps (0: never).
     """
     num_steps = _positive_int("num_steps", num_steps)

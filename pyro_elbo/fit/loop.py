@@ -615,8 +615,11 @@ def fit(
         ``"relative"`` (:class:`~pyro_elbo.fit.convergence.RelativeTolerance`), a rule instance,
         or ``None`` (run ``max_steps``).
     :param checkpoint: a file path; saved every ``checkpoint_every`` (500) steps and at the end.
-    :param bool resume: continue from ``checkpoint`` when the file exists (refused, with an error,
-        if it belongs to other parameters).  A finished run is restored without stepping.
+    :param bool resume: continue from ``checkpoint`` when the file exists; refused with
+        :class:`~pyro_elbo.fit.checkpoint.CheckpointMismatchError` if it was written by another
+        run (parameters, sites, objective, optimizer, data, seed or batches differ:
+        :mod:`.identity`); a new learning rate or number of steps is applied with a one-line
+        ``ResumeNotice``.  A finished run is restored without stepping.
     :param seed: seeds torch, numpy and Python (``pyro.set_rng_seed``) before anything runs.
     :param callbacks: functions called as ``callback(state)`` after each step with a
         :class:`FitState`; one returning ``True`` stops the run.
