@@ -96,13 +96,13 @@ class FitResult:
     * ``skipped_steps``: steps skipped by the NaN guard (``skip_nonfinite``);
     * ``diagnostics``: the convergence rule's figures (R-hat, MCSE, ESS, ``stationary_from``);
     * ``resumed_from``: the step a checkpoint was resumed from, or ``None``;
+    * ``checkpoint_error``: the :class:`~pyro_elbo.fit.checkpoint.CheckpointWriteError` of a
+      checkpoint that could not be written (the previous one is kept), else ``None``;
     * ``guide``, ``loss``, ``optim``: the guide fitted, the objective and the optimizer used
       (the recommended ones when ``fit`` chose them);
     * ``init``: what the stage before step 1 did (a :class:`~pyro_elbo.fit.initial.LaplaceStage`:
       ``.ran``, ``.result``, ``.message``, ``.seconds``);
-    * ``compiled``: whether the steps ran on the compiled fast path;
-    * ``checkpoint_error``: the :class:`~pyro_elbo.fit.checkpoint.CheckpointWriteError` of a
-      checkpoint that could not be written (the previous one is kept), else ``None``.
+    * ``compiled``: whether the steps ran on the compiled fast path.
     """
 
     losses: np.ndarray
@@ -113,12 +113,12 @@ class FitResult:
     skipped_steps: tuple = ()
     diagnostics: dict = field(default_factory=dict)
     resumed_from: int | None = None
+    checkpoint_error: Exception | None = None
     guide: object = None
     loss: object = None
     optim: object = None
     init: object = None
     compiled: bool = False
-    checkpoint_error: Exception | None = None
 
     def __repr__(self):
         last = f", final loss {self.losses[-1]:.6g}" if len(self.losses) else ""
@@ -1073,12 +1073,12 @@ class _Run:
             skipped_steps=tuple(self.skipped),
             diagnostics=self.rule.diagnostics() if self.rule is not None else {},
             resumed_from=self.resumed_from,
+            checkpoint_error=self.checkpoint_error,
             guide=self.guide,
             loss=self.objective,
             optim=self.opt.optimizer,
             init=getattr(self, "stage", LaplaceStage()),
             compiled=bool(getattr(self, "compiled", False)),
-            checkpoint_error=self.checkpoint_error,
         )
 
 
