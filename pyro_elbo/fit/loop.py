@@ -50,8 +50,10 @@ import pyro.optim
 import pyro.poutine as poutine
 import torch
 
+import pyro_elbo.fit.identity as identity
+import pyro_elbo.fit.interrupt as interrupt
+import pyro_elbo.fit.location as location
 from pyro_elbo.fit import checkpoint as ckpt
-from pyro_elbo.fit import identity, interrupt, location
 from pyro_elbo.fit.convergence import fisher_diagonal, fisher_seed, make_rule
 from pyro_elbo.fit.initial import LaplaceStage, check_init, default_optimizer, run_laplace
 from pyro_elbo.fit.preflight import (
@@ -716,7 +718,7 @@ class _Run:
         self.stop = None  # why the loop ended early
         self.resumed_from = None
         self.signals = interrupt.DeferSignals()  # what fit installs around the steps
-        self.torn = False  # inside a step (a KeyboardInterrupt then: keep the last checkpoint)
+        self.torn = True  # inside a step (a KeyboardInterrupt then: keep the last checkpoint)
         self.checkpoint_error = None
 
     # -------------------------------------------------------------- before step 1
@@ -938,7 +940,6 @@ class _Run:
         num_in_store = len(store)
         finite = math.isfinite
         step = self.step
-        signals = self.signals
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
@@ -946,12 +947,6 @@ class _Run:
                     "ignore", message="Encountered \\+?-?inf", category=UserWarning
                 )
                 while step < target:
-                    if signals.received is not None:  # between steps: a consistent state
-                        self.stop = f"interrupted ({signals.name}) after {step} steps"
-                        warnings.warn(f"fit: {self.stop}; checkpointing and returning the "
-                                      "state reached", stacklevel=3)
-                        break
-                    self.torn = True  # until the step's bookkeeping is done
                     if batches is not None:
                         try:
                             batch = batches.next()
@@ -997,6 +992,13 @@ class _Run:
                         bar.set_postfix_str(_postfix(losses, rule), refresh=False)
                     if finished:
                         break
+                    if self.signals.received is not None:  # after a whole step: consistent
+                        self.stop = f"interrupted ({self.signals.name}) after {step} steps"
+                        warnings.warn(f"fit: {self.stop}; checkpointing and returning the "
+                                      "state reached", stacklevel=3)
+                        break
+                    self.torn = True  # the next step starts: torn until its bookkeeping ends
+                self.torn = False
         except KeyboardInterrupt:  # mid-step (a second Ctrl-C): the last checkpoint is kept
             self.step = len(self.losses)
             self.stop = f"interrupted (KeyboardInterrupt) after {self.step} steps" + (
