@@ -13,6 +13,7 @@ from pyro.infer.autoguide import AutoDelta
 
 from pyro_elbo.conjugate import LinearRegression, NormalNormal
 from pyro_elbo.diagnostics.arviz import InferenceDict
+from pyro_elbo.diagnostics.degenerate import DegenerateGuideError
 from pyro_elbo.diagnostics.trust import diagnose, evidence_bounds
 
 
@@ -27,7 +28,7 @@ def scaled_posterior_guide(oracle, scale):
     return guide
 
 
-@pytest.mark.parametrize(("dtype", "scale"), [(torch.float64, 1e-30), (torch.float32, 1e-20)])
+@pytest.mark.parametrize(("dtype", "scale"), [(torch.float64, 1e-30), (torch.float32, 1e-15)])
 def test_collapsed_guide_is_degenerate_not_exact(dtype, scale):
     # loc + 1e-30 * sd * eps == loc in float64: every draw is the mean, the log weights are
     # constant (k-hat -inf), and they equal log p(x, mean) - log q(mean), far below log p(x)
@@ -42,6 +43,15 @@ def test_collapsed_guide_is_degenerate_not_exact(dtype, scale):
     assert bounds.degenerate and bounds.upper == np.inf and bounds.width == np.inf
     assert bounds.lower < exact - 50  # the IW estimate is still a (very loose) lower bound
     assert bounds.contains(exact) and "no upper bound: degenerate guide" in repr(bounds)
+
+
+def test_collapsed_guide_whose_density_overflows_is_a_named_error():
+    # float32: (1e-20 sd)^2 underflows, log q(loc) is nan: no estimate at all, and it says why
+    oracle = NormalNormal.simulate(20, 3, seed=2, dtype=torch.float32)
+    guide = scaled_posterior_guide(oracle, 1e-20)
+    for check in (diagnose, evidence_bounds):
+        with pytest.raises(DegenerateGuideError, match=r"degenerate guide: the draws of 'loc'"):
+            check(oracle.model, guide, num_samples=200)
 
 
 def test_point_mass_guide_is_degenerate():

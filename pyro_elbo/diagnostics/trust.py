@@ -26,17 +26,11 @@ narrower than the posterior by more than sqrt(2)); then the "upper" bound can fa
 log p(x), so read it together with ``diagnose(...).khat``.  The estimates come from
 :mod:`pyro_elbo.engine.bounds`.
 
-**Degenerate guides.**  Constant log weights (k-hat -inf) mean q = p only if the draws move:
-a guide whose scale is below what its dtype resolves (``loc + 1e-30 * eps == loc``), or a
-point mass (``AutoDelta``), also gives constant weights, equal to ``log p(x, z0) - log q(z0)``,
-nowhere near log p(x).  So both functions look at the draws themselves: a guide site with an
-unconstrained coordinate that does not vary across the S draws (spread below 4 machine epsilons
-of its size), or constant weights from draws that leave ``log p(x, z)`` constant, make the guide
-*degenerate*: ``Diagnosis.verdict`` is ``"bad"`` with advice saying so, and
-:class:`EvidenceBounds` keeps only the IW lower bound (still a lower bound) and sets the upper
-one to +inf.  :meth:`EvidenceBounds.contains` widens by ``max(SE, resolution)``, where
-``resolution`` is the round-off of the log weights in their dtype (16 epsilons of
-``|log p| + |log q|``): the exact posterior's weights are constant only up to it.
+A degenerate guide (a point mass: a scale below what its dtype resolves, an ``AutoDelta``)
+gives constant weights too, nowhere near log p(x) (:mod:`pyro_elbo.diagnostics.degenerate`):
+``Diagnosis.verdict`` is then ``"bad"`` with advice saying so, never "exact", and
+:class:`EvidenceBounds` keeps the IW lower bound (still one) and sets the upper one to +inf.
+:meth:`EvidenceBounds.contains` floors each SE at the weights' round-off ``resolution``.
 """
 
 from __future__ import annotations
@@ -45,8 +39,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.distributions import biject_to
 
+import pyro_elbo.diagnostics.degenerate as degenerate
 from pyro_elbo.diagnostics.arviz import check_num_samples, draw_particles, psis_khat
 from pyro_elbo.engine.bounds import cubo_estimate, elbo_estimate, iw_estimate
 from pyro_elbo.engine.particles import guess_plate_nesting, run_particles
@@ -93,7 +87,7 @@ class Diagnosis:
     cubo: float
     cubo_se: float
     ess: float
-    degenerate: str = ""  #: why the guide is degenerate (a point mass), or ""
+    degenerate: str = ""  #: why the guide is a point mass (then the verdict is "bad"), or ""
 
     @property
     def threshold(self) -> float:
@@ -198,38 +192,7 @@ class EvidenceBounds:
 def log_weights(model, guide, *args, num_samples: int, **kwargs) -> torch.Tensor:
     """``log p(x, z_s) - log q(z_s)`` for S draws from the guide, shape ``(S,)`` (one vectorized
     engine pass; a loop with a warning when the model does not vectorize)."""
-    return _draws(model, guide, args, kwargs, check_num_samples(num_samples)).log_weights
-
-
-class _Draws:
-    """What the diagnostics need of S draws: log p, log q (float64), their dtype's resolution,
-    and why the guide is degenerate ("" when it is not)."""
-
-    def __init__(self, log_p, log_q, collapsed, has_latents):
-        dtype = log_p.dtype if log_p.is_floating_point() else torch.get_default_dtype()
-        self.log_p, self.log_q = log_p.double(), log_q.double()
-        self.log_weights = self.log_p - self.log_q
-        scale = float((self.log_p.abs() + self.log_q.abs()).mean()) if len(self.log_p) else 0.0
-        self.resolution = 16 * torch.finfo(dtype).eps * max(1.0, scale)
-        self.degenerate = ""
-        if collapsed:
-            self.degenerate = "the draws of " + ", ".join(collapsed[:4]) + " do not vary"
-        elif has_latents and len(self.log_p) > 1 and _spread(self.log_weights) < _constant():
-            if _spread(self.log_p) < _constant():
-                self.degenerate = "constant log weights from draws that leave log p(x, z) constant"
-
-
-def _spread(values) -> float:
-    return float(values.max() - values.min())
-
-
-def _constant() -> float:
-    from pyro_elbo.diagnostics.arviz import CONSTANT_LOG_WEIGHTS
-
-    return CONSTANT_LOG_WEIGHTS
-
-
-def _draws(model, guide, args, kwargs, num_samples) -> _Draws:
+    num_samples = check_num_samples(num_samples)
     with torch.no_grad():
         nesting = guess_plate_nesting(model, guide, args, kwargs)
         # one unvectorized, validated run: a guide that does not match the model fails here,
@@ -237,48 +200,9 @@ def _draws(model, guide, args, kwargs, num_samples) -> _Draws:
         run_particles(
             model, guide, args, kwargs, num_particles=1, plate_nesting=nesting, validate=True
         )
-
-        def collect(particles):
-            collapsed, has_latents = _collapsed_sites(particles)
-            return _Draws(particles.log_p(), particles.log_q(), collapsed, has_latents)
-
-        return draw_particles(model, guide, args, kwargs, num_samples, nesting, collect)
-
-
-def _collapsed_sites(particles):
-    """``(["'z' (3 of 4 coordinates)", ...], has_latents)``: guide sites with an unconstrained
-    coordinate whose S draws spread less than 4 epsilons of its size (a point mass)."""
-    collapsed, has_latents = [], False
-    traces = particles.guide_traces
-    K, P = particles.num_particles, particles.plate_nesting
-    for name, site in traces[0].nodes.items():
-        if site["type"] != "sample" or site["is_observed"] or site["infer"].get("is_auxiliary"):
-            continue
-        fn, value = site["fn"], site["value"]
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            continue
-        if getattr(fn.support, "is_discrete", False):
-            continue
-        has_latents = True
-        event_dim = len(fn.event_shape)
-        if particles.vectorized:
-            dim = value.dim() - event_dim - (P + 1)
-            if dim < 0 or value.shape[dim] != K:
-                continue
-        else:
-            value, dim = torch.stack([t.nodes[name]["value"] for t in traces]), 0
-        try:
-            value = biject_to(fn.support).inv(value)  # constant coordinates (LKJ's 1s) vanish
-        except Exception:
-            pass
-        if K < 2:
-            continue
-        spread = value.amax(dim) - value.amin(dim)
-        size = value.abs().amax(dim)
-        flat = (spread <= 4 * torch.finfo(value.dtype).eps * size).reshape(-1)
-        if bool(flat.any()):
-            collapsed.append(f"{name!r} ({int(flat.sum())} of {flat.numel()} coordinates)")
-    return collapsed, has_latents
+        return draw_particles(
+            model, guide, args, kwargs, num_samples, nesting, lambda p: p.log_p() - p.log_q()
+        ).double()
 
 
 def diagnose(model, guide, *args, num_samples: int = 10000, **kwargs) -> Diagnosis:
@@ -289,19 +213,16 @@ def diagnose(model, guide, *args, num_samples: int = 10000, **kwargs) -> Diagnos
     ``args``/``kwargs`` go to model and guide (run on the full data).
     """
     num_samples = check_num_samples(num_samples, minimum=MIN_SAMPLES)
-    draws = _draws(model, guide, args, kwargs, num_samples)
-    lw = draws.log_weights
+    lw = log_weights(model, guide, *args, num_samples=num_samples, **kwargs)
     log_evidence, log_evidence_se = iw_estimate(lw)
     elbo, elbo_se = elbo_estimate(lw)
+    point_mass = degenerate.check_degenerate(model, guide, args, kwargs, lw)
     cubo, cubo_se = cubo_estimate(lw, n=2.0)
     ess = math.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0))
-    if draws.degenerate and not bool(torch.isfinite(lw).all()):
-        khat = math.nan  # a point mass whose density overflows: no tail to fit
-    else:
-        khat = psis_khat(lw.numpy())
     return Diagnosis(
-        khat=khat,
+        khat=psis_khat(lw.numpy()),
         num_samples=num_samples,
+        degenerate=point_mass.reason,
         log_evidence=float(log_evidence),
         log_evidence_se=float(log_evidence_se),
         elbo=float(elbo),
@@ -309,7 +230,6 @@ def diagnose(model, guide, *args, num_samples: int = 10000, **kwargs) -> Diagnos
         cubo=float(cubo),
         cubo_se=float(cubo_se),
         ess=ess,
-        degenerate=draws.degenerate,
     )
 
 
@@ -317,14 +237,15 @@ def evidence_bounds(model, guide, *args, num_samples: int = 10000, **kwargs) -> 
     """Lower (IW) and upper (CUBO_2) estimates of log p(x), each with its delta-method SE.
 
     ``.contains(value)`` tests ``value`` against the bounds widened by 3 SE (at least the
-    round-off ``resolution``).  A degenerate guide (see the module doc) gets no upper bound.  The upper estimate
+    round-off ``resolution``).  A degenerate guide gets no upper bound.  The upper estimate
     is trustworthy only when the weights have a finite second moment (k-hat < 0.5).
     """
     num_samples = check_num_samples(num_samples, minimum=2)
-    draws = _draws(model, guide, args, kwargs, num_samples)
-    lower, lower_se = iw_estimate(draws.log_weights)
-    upper, upper_se = cubo_estimate(draws.log_weights, n=2.0)
-    if draws.degenerate:  # CUBO of a point mass is no upper bound; IW still is a lower one
+    lw = log_weights(model, guide, *args, num_samples=num_samples, **kwargs)
+    lower, lower_se = iw_estimate(lw)
+    upper, upper_se = cubo_estimate(lw, n=2.0)
+    point_mass = degenerate.check_degenerate(model, guide, args, kwargs, lw)
+    if point_mass.reason:  # CUBO of a point mass is no upper bound; IW still is a lower one
         upper, upper_se = math.inf, 0.0
     return EvidenceBounds(
         lower=float(lower),
@@ -332,6 +253,6 @@ def evidence_bounds(model, guide, *args, num_samples: int = 10000, **kwargs) -> 
         upper=float(upper),
         upper_se=float(upper_se),
         num_samples=num_samples,
-        resolution=draws.resolution,
-        degenerate=draws.degenerate,
+        resolution=point_mass.resolution,
+        degenerate=point_mass.reason,
     )
