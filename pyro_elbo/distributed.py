@@ -505,7 +505,8 @@ class DistributedResult:
     * ``param_names``: the parameters optimized (in the param store);
     * ``rank``, ``world_size``, ``backend``, ``device``, ``batch_size`` (global),
       ``batch_size_per_rank``, ``epochs`` (passes over the data);
-    * ``stopped_by``: ``"SIGINT"``/``"SIGTERM"`` when a signal ended the run early, else ``""``;
+    * ``stopped_by``: ``"SIGINT"``/``"SIGTERM"`` when a signal to this rank ended the run early
+      (``"a signal on another rank"`` when it went to another), else ``""``;
     * ``checkpoint_error``: the error of a checkpoint write that failed (rank 0), else ``None``.
     """
 
@@ -787,7 +788,7 @@ def _fit(
         batch_size=batch_size,
         batch_size_per_rank=shards.per_rank,
         epochs=len(losses) / shards.batches_per_epoch,
-        stopped_by=signals.name if stopped else "",
+        stopped_by=(signals.name or "a signal on another rank") if stopped else "",
         checkpoint_error=written["error"],
     )
     interrupt.redeliver(signals.received)  # SIGTERM ends the process, after the checkpoint

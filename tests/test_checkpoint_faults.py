@@ -658,6 +658,73 @@ def test_fit_distributed_sigint_mid_step_checkpoints_that_step_and_resumes_exact
     assert torch.equal(wm, wm_resumed)
 
 
+def _two_rank_worker(outdir):
+    """Each of 2 gloo ranks: an uninterrupted run, a run whose rank 1 alone gets SIGINT in the
+    middle of a step, and its resume."""
+    from datetime import timedelta
+
+    from pyro_elbo.distributed import fit_distributed, init_distributed
+
+    torch.set_num_threads(1)
+    ctx = init_distributed(timeout=timedelta(seconds=60))
+    x = torch.linspace(0.0, 1.0, 16)
+
+    def go(name, signal_at=None):
+        pyro.clear_param_store()
+        calls = [0]
+
+        def model(x, full_size, subsample):
+            linreg_model(x, full_size, subsample)
+            calls[0] += 1
+            if ctx.rank == 1 and calls[0] == signal_at:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        result = fit_distributed(
+            model,
+            linreg_guide,
+            x,
+            num_steps=12,
+            batch_size=4,
+            lr=0.05,
+            checkpoint=os.path.join(outdir, name),
+            checkpoint_every=5,
+        )
+        return result, pyro.param("wm").detach().clone()
+
+    straight, wm = go("a.ckpt")
+    stopped, _ = go("b.ckpt", signal_at=9)
+    written = torch.load(os.path.join(outdir, "b.ckpt"), weights_only=True)  # after the stop
+    resumed, wm_resumed = go("b.ckpt")
+    torch.save(
+        {
+            "straight": straight.losses,
+            "wm": wm,
+            "stopped": stopped.num_steps,
+            "stopped_by": stopped.stopped_by,
+            "resumed": resumed.losses,
+            "start": resumed.start_step,
+            "written": (written["step"], len(written["losses"])),
+            "wm_resumed": wm_resumed,
+        },
+        os.path.join(outdir, f"rank{ctx.rank}.pt"),
+    )
+
+
+def test_sigint_on_one_of_two_ranks_stops_both_after_the_same_step(tmp_path):
+    from pyro_elbo.distributed import launch
+
+    launch(_two_rank_worker, str(tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    steps = ranks[0]["stopped"]
+    assert ranks[1]["stopped"] == steps and 5 < steps < 12 and steps != 10
+    assert ranks[1]["stopped_by"] == "SIGINT"
+    assert ranks[0]["stopped_by"] == "a signal on another rank"
+    assert ranks[0]["written"] == (steps, steps)  # the checkpoint of the agreed step
+    for rank in ranks:
+        assert rank["start"] == steps and rank["resumed"] == rank["straight"]
+        assert torch.equal(rank["wm_resumed"], rank["wm"])
+
+
 def test_fit_distributed_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     from pyro_elbo.distributed import fit_distributed, load_checkpoint
 

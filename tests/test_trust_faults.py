@@ -45,6 +45,7 @@ def test_collapsed_guide_is_degenerate_not_exact(dtype, scale):
     assert bounds.contains(exact) and "no upper bound: degenerate guide" in repr(bounds)
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_collapsed_guide_whose_density_overflows_is_a_named_error():
     # float32: (1e-30 sd)^2 underflows to 0, log q(loc) is nan: no estimate at all, it says why
     oracle = NormalNormal.simulate(20, 3, seed=2, dtype=torch.float32)
