@@ -450,10 +450,20 @@ class AutoConvergence(ConvergenceRule):
                 f"{last['rhat_worst']!r} (best window {last['rhat_window']} steps); the "
                 "parameters are still moving. Raise max_steps or the learning rate."
             )
+        first = self.first_test()
         return (
-            f"not stationary: fewer than {math.ceil(self.window / 0.95)} steps, too few to test "
-            f"(window={self.window}). Raise max_steps."
+            f"stationarity was never tested: split-R-hat is tested every {self.check_every} "
+            f"steps once 95% of the steps hold a window of {self.window} iterates, so the first "
+            f"test is at step {first}, and the run stopped after {self._count} steps. Raise "
+            f"max_steps to more than {first} (or lower AutoConvergence(window=...))."
         )
+
+    def first_test(self) -> int:
+        """The first step at which stationarity is tested (``floor(0.95 k) >= window``)."""
+        step = self.check_every
+        while int(0.95 * step) < self.window:
+            step += self.check_every
+        return step
 
     def diagnostics(self) -> dict:
         out = dict(self._last)
