@@ -450,11 +450,15 @@ def to_dict(
     if resample not in (None, "psis"):
         raise ValueError(f"resample must be None or 'psis', got {resample!r}")
     loss_trace = None if losses is None else _loss_array(losses)
+    from pyro_elbo.guides.unfitted import param_names, warn_if_created
+
+    before = param_names(guide, "to_inference_data", stacklevel=4)
     with torch.no_grad():
         nesting = guess_plate_nesting(model, guide, args, kwargs)
         proto = run_particles(
             model, guide, args, kwargs, num_particles=1, plate_nesting=nesting, validate=True
         )
+        warn_if_created(guide, before, proto.guide_traces[0], "to_inference_data", stacklevel=4)
         layout = _Layout(proto.model_traces[0], proto.guide_traces[0], nesting)
         if log_likelihood and not layout.observed:
             raise ValueError(

@@ -49,6 +49,7 @@ __all__ = [
     "Preflight",
     "SupportMismatchError",
     "check_model_guide",
+    "check_pair",
     "check_objective",
     "check_optim",
     "check_steps",
@@ -200,6 +201,7 @@ def check_model_guide(model, guide, objective, args, kwargs, check_density=True)
         try:
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         except Exception as error:
+            _raise_for_data(error, args, kwargs)
             _note(error, "raised by the guide in fit's check before step 1")
             raise
         try:
@@ -210,25 +212,152 @@ def check_model_guide(model, guide, objective, args, kwargs, check_density=True)
             explained = explain_replay_failure(model, guide, args, kwargs, error)
             if explained is not None:
                 raise explained from error
+            _raise_for_data(error, args, kwargs)
+            _raise_for_supports(model, guide_trace, args, kwargs, error)
             _note(error, "raised by the model (replayed on the guide) in fit's check before step 1")
             raise
-    enumerating = handles_enumeration(objective)
-    check_traces(
-        _without_enumerated(model_trace, guide_trace, enumerating),
-        guide_trace,
-        allow_enumeration=enumerating,
-    )
-    model_sites = _sample_sites(model_trace)
-    guide_sites = _sample_sites(guide_trace)
-    _check_pathwise(guide_sites, objective)
-    _check_plates(model_sites, guide_sites)
-    _check_supports(model_sites, guide_sites)
-    _check_observed(model_sites)
-    if check_density:
-        _check_initial_density(model_trace, guide_trace)
+    check_pair(model_trace, guide_trace, objective, args, kwargs, check_density=check_density)
     guide_params = _param_names(guide_trace)
     model_params = [n for n in _param_names(model_trace) if n not in guide_params]
     return Preflight(guide_trace, model_trace, guide_params, model_params)
+
+
+def check_pair(
+    model_trace, guide_trace, objective, args, kwargs, *, check_density=True, engine_checks=True
+) -> None:
+    """The checks of :func:`check_model_guide` on traces already run (one draw, or the
+    vectorized particles of an objective's first call); ``engine_checks=False`` skips those
+    the particle engine and pyro_elbo's objectives make themselves (:func:`check_traces`, a
+    pathwise estimator on a non-reparameterized site), whose errors they raise."""
+    model_sites = _sample_sites(model_trace)
+    guide_sites = _sample_sites(guide_trace)
+    _check_data(model_sites, args, kwargs)
+    if engine_checks:
+        enumerating = handles_enumeration(objective)
+        check_traces(
+            _without_enumerated(model_trace, guide_trace, enumerating),
+            guide_trace,
+            allow_enumeration=enumerating,
+        )
+        _check_pathwise(guide_sites, objective)
+    _check_plates(model_sites, guide_sites)
+    _check_supports(model_sites, guide_sites)
+    _check_observed(model_sites)
+    _warn_if_nothing_observed(model_sites)
+    if check_density:
+        _check_initial_density(model_trace, guide_trace)
+
+
+# ------------------------------------------------------------------ data
+
+
+def _argument_name(value, args, kwargs):
+    """How the user passed ``value``: ``"data=..."``/``"argument 1"``, or ``None``."""
+    for index, arg in enumerate(args):
+        if arg is value:
+            return f"the model's argument {index + 1} (positional)"
+    for key, arg in kwargs.items():
+        if arg is value:
+            return f"the model's argument {key}="
+    return None
+
+
+def _non_tensor_data(args, kwargs):
+    """``(description, value)`` of the first numpy array or list of numbers among the
+    arguments, or ``None``."""
+    import numpy as np
+
+    for index, arg in enumerate(args):
+        if _is_array_like(arg, np):
+            return f"argument {index + 1} (positional)", arg
+    for key, arg in kwargs.items():
+        if _is_array_like(arg, np):
+            return f"argument {key}=", arg
+    return None
+
+
+def _is_array_like(value, np):
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind in "biufc"
+    if isinstance(value, (list, tuple)) and value:
+        return all(isinstance(v, numbers.Number) and not isinstance(v, bool) for v in value)
+    return False
+
+
+def _data_error(where, value, site=None):
+    kind = f"a numpy array (dtype {value.dtype})" if hasattr(value, "dtype") else (
+        f"a Python {type(value).__name__} of numbers"
+    )
+    used = f", used as the observed value of site {site!r}" if site is not None else ""
+    return TypeError(
+        f"the model's {where} is {kind}{used}; Pyro's distributions need torch tensors. "
+        "Convert the data first, e.g. data = torch.as_tensor(data, "
+        "dtype=torch.get_default_dtype())."
+    )
+
+
+def _check_data(model_sites, args, kwargs):
+    """An observed value that is not a tensor (numpy array, list): an error naming the argument."""
+    for name, site in model_sites.items():
+        if not site["is_observed"] or isinstance(site["value"], torch.Tensor):
+            continue
+        value = site["value"]
+        if isinstance(value, numbers.Number):
+            continue  # a Python scalar: Pyro accepts it
+        where = _argument_name(value, args, kwargs) or "data"
+        raise _data_error(where.removeprefix("the model's "), value, site=name)
+
+
+def _raise_for_data(error, args, kwargs):
+    """A failure with numpy or list data among the arguments: raise the data error instead."""
+    found = _non_tensor_data(args, kwargs)
+    if found is not None:
+        raise _data_error(*found) from error
+
+
+class _RecordSites(poutine.messenger.Messenger):
+    """Keeps the sample sites seen so far, also when the program then fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites = {}
+
+    def _postprocess_message(self, msg):
+        if msg["type"] == "sample" and not site_is_subsample(msg):
+            self.sites[msg["name"]] = dict(msg)
+
+
+def _raise_for_supports(model, guide_trace, args, kwargs, error):
+    """The model failed on the guide's draw: if a guide site lies off its prior's support
+    (a Normal guide for a positive site makes the model build Normal(0, scale < 0)), raise
+    the :class:`SupportMismatchError` that explains it."""
+    record = _RecordSites()
+    try:
+        with poutine.block(), record:
+            poutine.replay(model, trace=guide_trace)(*args, **kwargs)
+    except Exception:  # the failure being explained
+        pass
+    try:
+        _check_supports(record.sites, _sample_sites(guide_trace))
+    except SupportMismatchError as mismatch:
+        raise mismatch from error
+
+
+def _warn_if_nothing_observed(model_sites):
+    """One warning when the model conditions on nothing: no obs=, no pyro.factor."""
+    if any(site["is_observed"] and not site["infer"].get("_deterministic")
+           for site in model_sites.values()):
+        return
+    import warnings
+
+    latent = [n for n, s in model_sites.items() if not s["is_observed"]]
+    warnings.warn(
+        f"the model has no observed site (no pyro.sample(..., obs=...) and no pyro.factor), so "
+        f"there is no data in the objective: the latent sites {latent[:6]} are fitted to their "
+        "prior. Pass the data with obs= (pyro.sample('x', dist, obs=data)).",
+        UserWarning,
+        stacklevel=5,
+    )
 
 
 def check_has_params(preflight: Preflight, guide) -> None:

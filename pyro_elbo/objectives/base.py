@@ -20,6 +20,7 @@ import torch
 from pyro.util import warn_if_nan
 
 from pyro_elbo.engine.particles import Particles, guess_plate_nesting, run_particles
+from pyro_elbo.fit.first_call import check_first_call, explain_first_failure, is_first_call
 
 __all__ = ["ParticleObjective"]
 
@@ -107,9 +108,18 @@ class ParticleObjective(pyro.infer.ELBO):
         return particles.model_traces[0], particles.guide_traces[0]
 
     def _compute(self, model, guide, args, kwargs, need_surrogate: bool):
-        particles = self.run_particles(
-            model, guide, args, kwargs, **self._engine_options(need_surrogate)
-        )
+        # the first call on a pair runs fit's checks (pyro_elbo.fit.first_call)
+        first = is_first_call(self, model, guide)
+        try:
+            particles = self.run_particles(
+                model, guide, args, kwargs, **self._engine_options(need_surrogate)
+            )
+        except Exception as error:
+            if first:
+                explain_first_failure(self, model, guide, args, kwargs, error)
+            raise
+        if first:
+            check_first_call(self, model, guide, args, kwargs, particles)
         return self._loss_and_surrogate(particles, need_surrogate)
 
     # ----------------------------------------------------------------- pyro.infer.ELBO API
