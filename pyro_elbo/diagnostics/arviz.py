@@ -444,6 +444,7 @@ def to_dict(
     """
     import torch
 
+    from pyro_elbo.diagnostics.enumerated import find_enumerated, prototype, run_enumerated
     from pyro_elbo.engine.particles import guess_plate_nesting, run_particles
 
     num_samples = check_num_samples(num_samples)
@@ -455,11 +456,16 @@ def to_dict(
     before = param_names(guide, "to_inference_data", stacklevel=4)
     with torch.no_grad():
         nesting = guess_plate_nesting(model, guide, args, kwargs)
-        proto = run_particles(
-            model, guide, args, kwargs, num_particles=1, plate_nesting=nesting, validate=True
-        )
-        warn_if_created(guide, before, proto.guide_traces[0], "to_inference_data", stacklevel=4)
-        layout = _Layout(proto.model_traces[0], proto.guide_traces[0], nesting)
+        enumerated, _ = find_enumerated(model, guide, args, kwargs)
+        if enumerated:  # discrete sites summed out, drawn by infer_discrete
+            model_trace, guide_trace = prototype(model, guide, args, kwargs, nesting)
+        else:
+            proto = run_particles(
+                model, guide, args, kwargs, num_particles=1, plate_nesting=nesting, validate=True
+            )
+            model_trace, guide_trace = proto.model_traces[0], proto.guide_traces[0]
+        warn_if_created(guide, before, guide_trace, "to_inference_data", stacklevel=4)
+        layout = _Layout(model_trace, guide_trace, nesting)
         if log_likelihood and not layout.observed:
             raise ValueError(
                 "the model has no observed site (pyro.sample(..., obs=data)), so there is no "
@@ -479,7 +485,12 @@ def to_dict(
         def collect(particles):
             return layout.collect(particles, posterior_predictive, log_likelihood)
 
-        groups = draw_particles(model, guide, args, kwargs, num_samples, nesting, collect)
+        if enumerated:
+            groups = collect(
+                run_enumerated(model, guide, args, kwargs, num_samples, nesting, log_likelihood)
+            )
+        else:
+            groups = draw_particles(model, guide, args, kwargs, num_samples, nesting, collect)
         attrs = _attrs(guide, num_samples)
         if resample == "psis":
             attrs["posterior"].update(_psis_resample(groups, num_samples))

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from pyro_elbo.diagnostics.arviz import check_num_samples, draw_particles, psis_khat
+from pyro_elbo.diagnostics.enumerated import find_enumerated, run_enumerated
 from pyro_elbo.engine.bounds import cubo_estimate, elbo_estimate, iw_estimate
 from pyro_elbo.engine.particles import guess_plate_nesting, run_particles
 from pyro_elbo.guides.unfitted import param_names, warn_if_created
@@ -171,6 +172,14 @@ def log_weights(
     before = param_names(guide, where, stacklevel=4)
     with torch.no_grad():
         nesting = guess_plate_nesting(model, guide, args, kwargs)
+        enumerated, guide_trace = find_enumerated(model, guide, args, kwargs)
+        if enumerated:  # discrete sites summed out
+            warn_if_created(guide, before, guide_trace, where, stacklevel=4)
+            draws = run_enumerated(
+                model, guide, args, kwargs, num_samples, nesting,
+                log_likelihood=False, draw_discrete=False,
+            )
+            return (draws.log_p() - draws.log_q()).double()
         # one unvectorized, validated run: a guide that does not match the model fails here,
         # with an error naming the site
         proto = run_particles(
