@@ -16,12 +16,20 @@ each problem is an exception that names the site (or argument) and says what to 
 * a **discrete** (or otherwise non-reparameterizable) guide site under a pathwise-only estimator
   (STL, DReG, CUBO);
 * a **plate** with a different name, size or dim in model and guide;
+* **data that is not a tensor** (a numpy array or a list used as an observed value, or making
+  model or guide fail): a ``TypeError`` naming the argument and the site;
 * NaN or inf in **observed data** (entries masked out are allowed);
+* a model that **observes nothing** (no ``obs=``, no ``pyro.factor``: a forgotten ``obs=``): one
+  warning;
 * a non-finite log-density at the initial draw;
 * a guide with **no parameters**.
 
 The traces run under ``poutine.block`` and create the guide's parameters (autoguides build theirs
-on first call); nothing is optimized.
+on first call); nothing is optimized.  :func:`check_pair` is the part that works on traces
+already run: pyro_elbo's objectives call it on their first call (:mod:`.first_call`), so
+``SVI(..., loss=pyro_elbo.ELBO())`` gets the same errors.  When the model fails on the guide's
+draw, a guide site off the prior's support is looked for first (the model may have failed by
+building ``Normal(0, scale < 0)`` from it) and reported as a :class:`SupportMismatchError`.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from pyro_elbo.engine.validation import (
     check_traces,
     explain_replay_failure,
 )
+from pyro_elbo.fit.data_checks import check_data, raise_for_data, warn_if_nothing_observed
 
 __all__ = [
     "PlateMismatchError",
@@ -201,7 +210,7 @@ def check_model_guide(model, guide, objective, args, kwargs, check_density=True)
         try:
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         except Exception as error:
-            _raise_for_data(error, args, kwargs)
+            raise_for_data(error, args, kwargs)
             _note(error, "raised by the guide in fit's check before step 1")
             raise
         try:
@@ -212,7 +221,7 @@ def check_model_guide(model, guide, objective, args, kwargs, check_density=True)
             explained = explain_replay_failure(model, guide, args, kwargs, error)
             if explained is not None:
                 raise explained from error
-            _raise_for_data(error, args, kwargs)
+            raise_for_data(error, args, kwargs)
             _raise_for_supports(model, guide_trace, args, kwargs, error)
             _note(error, "raised by the model (replayed on the guide) in fit's check before step 1")
             raise
@@ -231,7 +240,7 @@ def check_pair(
     pathwise estimator on a non-reparameterized site), whose errors they raise."""
     model_sites = _sample_sites(model_trace)
     guide_sites = _sample_sites(guide_trace)
-    _check_data(model_sites, args, kwargs)
+    check_data(model_sites, args, kwargs)
     if engine_checks:
         enumerating = handles_enumeration(objective)
         check_traces(
@@ -243,76 +252,9 @@ def check_pair(
     _check_plates(model_sites, guide_sites)
     _check_supports(model_sites, guide_sites)
     _check_observed(model_sites)
-    _warn_if_nothing_observed(model_sites)
+    warn_if_nothing_observed(model_sites)
     if check_density:
         _check_initial_density(model_trace, guide_trace)
-
-
-# ------------------------------------------------------------------ data
-
-
-def _argument_name(value, args, kwargs):
-    """How the user passed ``value``: ``"data=..."``/``"argument 1"``, or ``None``."""
-    for index, arg in enumerate(args):
-        if arg is value:
-            return f"the model's argument {index + 1} (positional)"
-    for key, arg in kwargs.items():
-        if arg is value:
-            return f"the model's argument {key}="
-    return None
-
-
-def _non_tensor_data(args, kwargs):
-    """``(description, value)`` of the first numpy array or list of numbers among the
-    arguments, or ``None``."""
-    import numpy as np
-
-    for index, arg in enumerate(args):
-        if _is_array_like(arg, np):
-            return f"argument {index + 1} (positional)", arg
-    for key, arg in kwargs.items():
-        if _is_array_like(arg, np):
-            return f"argument {key}=", arg
-    return None
-
-
-def _is_array_like(value, np):
-    if isinstance(value, np.ndarray):
-        return value.dtype.kind in "biufc"
-    if isinstance(value, (list, tuple)) and value:
-        return all(isinstance(v, numbers.Number) and not isinstance(v, bool) for v in value)
-    return False
-
-
-def _data_error(where, value, site=None):
-    kind = f"a numpy array (dtype {value.dtype})" if hasattr(value, "dtype") else (
-        f"a Python {type(value).__name__} of numbers"
-    )
-    used = f", used as the observed value of site {site!r}" if site is not None else ""
-    return TypeError(
-        f"the model's {where} is {kind}{used}; Pyro's distributions need torch tensors. "
-        "Convert the data first, e.g. data = torch.as_tensor(data, "
-        "dtype=torch.get_default_dtype())."
-    )
-
-
-def _check_data(model_sites, args, kwargs):
-    """An observed value that is not a tensor (numpy array, list): an error naming the argument."""
-    for name, site in model_sites.items():
-        if not site["is_observed"] or isinstance(site["value"], torch.Tensor):
-            continue
-        value = site["value"]
-        if isinstance(value, numbers.Number):
-            continue  # a Python scalar: Pyro accepts it
-        where = _argument_name(value, args, kwargs) or "data"
-        raise _data_error(where.removeprefix("the model's "), value, site=name)
-
-
-def _raise_for_data(error, args, kwargs):
-    """A failure with numpy or list data among the arguments: raise the data error instead."""
-    found = _non_tensor_data(args, kwargs)
-    if found is not None:
-        raise _data_error(*found) from error
 
 
 class _RecordSites(poutine.messenger.Messenger):
@@ -341,23 +283,6 @@ def _raise_for_supports(model, guide_trace, args, kwargs, error):
         _check_supports(record.sites, _sample_sites(guide_trace))
     except SupportMismatchError as mismatch:
         raise mismatch from error
-
-
-def _warn_if_nothing_observed(model_sites):
-    """One warning when the model conditions on nothing: no obs=, no pyro.factor."""
-    if any(site["is_observed"] and not site["infer"].get("_deterministic")
-           for site in model_sites.values()):
-        return
-    import warnings
-
-    latent = [n for n, s in model_sites.items() if not s["is_observed"]]
-    warnings.warn(
-        f"the model has no observed site (no pyro.sample(..., obs=...) and no pyro.factor), so "
-        f"there is no data in the objective: the latent sites {latent[:6]} are fitted to their "
-        "prior. Pass the data with obs= (pyro.sample('x', dist, obs=data)).",
-        UserWarning,
-        stacklevel=5,
-    )
 
 
 def check_has_params(preflight: Preflight, guide) -> None:
