@@ -30,6 +30,15 @@ The posterior predictive draws each observed site from its distribution given th
 observed values of the sites before it), as ``az.plot_ppc`` and LOO-PIT expect for
 conditionally independent data.
 
+**Enumerated models.** A model fitted with ``TraceEnum_ELBO`` (discrete sites marked for
+parallel enumeration, absent from the guide) takes the path of
+:mod:`pyro_elbo.diagnostics.enumerated`: the continuous latents come from the guide, the
+discrete ones are drawn from their conditional posterior by ``infer_discrete``, and ``lp`` and
+the pointwise log-likelihood have the discrete sites summed out, so :func:`loo` applies as is.
+
+A guide that was never fitted gets an ``UnfittedGuideWarning``
+(:mod:`pyro_elbo.guides.unfitted`).
+
 **Versions.** The groups are built as plain numpy (:class:`InferenceDict`, no ArviZ import), then
 handed to ``arviz.from_dict`` (ArviZ < 1, an ``InferenceData``) or ``arviz_base.from_dict``
 (ArviZ >= 1, an ``xarray.DataTree``), by the installed version of the ``arviz`` distribution.
@@ -453,7 +462,7 @@ def to_dict(
     loss_trace = None if losses is None else _loss_array(losses)
     from pyro_elbo.guides.unfitted import param_names, warn_if_created
 
-    before = param_names(guide, "to_inference_data", stacklevel=4)
+    before = param_names(guide, "to_inference_data", stacklevel=5)
     with torch.no_grad():
         nesting = guess_plate_nesting(model, guide, args, kwargs)
         enumerated, _ = find_enumerated(model, guide, args, kwargs)
@@ -464,7 +473,7 @@ def to_dict(
                 model, guide, args, kwargs, num_particles=1, plate_nesting=nesting, validate=True
             )
             model_trace, guide_trace = proto.model_traces[0], proto.guide_traces[0]
-        warn_if_created(guide, before, guide_trace, "to_inference_data", stacklevel=4)
+        warn_if_created(guide, before, guide_trace, "to_inference_data", stacklevel=5)
         layout = _Layout(model_trace, guide_trace, nesting)
         if log_likelihood and not layout.observed:
             raise ValueError(

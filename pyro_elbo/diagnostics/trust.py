@@ -169,12 +169,12 @@ def log_weights(
     """``log p(x, z_s) - log q(z_s)`` for S draws from the guide, shape ``(S,)`` (one vectorized
     engine pass; a loop with a warning when the model does not vectorize)."""
     num_samples = check_num_samples(num_samples)
-    before = param_names(guide, where, stacklevel=4)
+    before = param_names(guide, where, stacklevel=5)
     with torch.no_grad():
         nesting = guess_plate_nesting(model, guide, args, kwargs)
         enumerated, guide_trace = find_enumerated(model, guide, args, kwargs)
         if enumerated:  # discrete sites summed out
-            warn_if_created(guide, before, guide_trace, where, stacklevel=4)
+            warn_if_created(guide, before, guide_trace, where, stacklevel=5)
             draws = run_enumerated(
                 model, guide, args, kwargs, num_samples, nesting,
                 log_likelihood=False, draw_discrete=False,
@@ -185,7 +185,7 @@ def log_weights(
         proto = run_particles(
             model, guide, args, kwargs, num_particles=1, plate_nesting=nesting, validate=True
         )
-        warn_if_created(guide, before, proto.guide_traces[0], where, stacklevel=4)
+        warn_if_created(guide, before, proto.guide_traces[0], where, stacklevel=5)
         return draw_particles(
             model, guide, args, kwargs, num_samples, nesting, lambda p: p.log_p() - p.log_q()
         ).double()

@@ -92,5 +92,22 @@ def warn_if_nothing_observed(model_sites):
         f"there is no data in the objective: the latent sites {latent[:6]} are fitted to their "
         "prior. Pass the data with obs= (pyro.sample('x', dist, obs=data)).",
         UserWarning,
-        stacklevel=5,
+        stacklevel=_outside_libraries(),
     )
+
+
+def _outside_libraries() -> int:
+    """The ``stacklevel`` of the first caller outside pyro_elbo and Pyro (the user's line)."""
+    import os
+    import sys
+
+    import pyro
+
+    roots = tuple(
+        os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+        for module in (sys.modules["pyro_elbo"], pyro)
+    )
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(roots):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -37,13 +37,14 @@ def is_unrun_autoguide(guide) -> bool:
 
 
 def warn_unfitted(guide, where: str, stacklevel: int = 3) -> None:
+    """The warning; ``stacklevel`` as for ``warnings.warn`` (counted from this function)."""
     warnings.warn(
         f"{where}: the guide {_name(guide)} has never been fitted (its parameters are created "
         "by this call, at their initial values), so this describes the initial guide, not a "
         "posterior approximation. Fit it first, e.g. pyro_elbo.fit(model, guide, data), or "
         "run SVI steps with it.",
         UnfittedGuideWarning,
-        stacklevel=stacklevel + 1,
+        stacklevel=stacklevel,
     )
 
 
@@ -54,7 +55,7 @@ def param_names(guide, where: str, stacklevel: int = 3):
 
     if isinstance(guide, AutoGuide):
         if is_unrun_autoguide(guide):
-            warn_unfitted(guide, where, stacklevel + 1)
+            warn_unfitted(guide, where, stacklevel)
         return None
     return set(pyro.get_param_store().keys())
 
@@ -65,4 +66,4 @@ def warn_if_created(guide, before, guide_trace, where: str, stacklevel: int = 3)
         return
     params = [name for name, site in guide_trace.nodes.items() if site["type"] == "param"]
     if params and not any(name in before for name in params):
-        warn_unfitted(guide, where, stacklevel + 1)
+        warn_unfitted(guide, where, stacklevel)
