@@ -536,3 +536,16 @@ def test_keyboard_interrupt_returns_the_state_reached(tmp_path):
         oracle.model, AutoNormal(oracle.model), num_steps=50, progress=False, checkpoint=path
     )
     assert resumed.resumed_from == 5 and resumed.num_steps == 50
+
+
+def test_max_steps_reason_of_the_relative_rule_states_what_was_checked():
+    oracle = NormalNormal.simulate(50, seed=0)
+    pyro.clear_param_store()
+    result = fit(oracle.model, AutoNormal(oracle.model), max_steps=250, convergence="relative",
+                 progress=False, seed=0)
+    assert not result.converged
+    assert "compares the mean or median of 2 relative ELBO changes (one every 100 steps)" in (
+        result.reason
+    )
+    assert "first test is at step 300" in result.reason
+    assert "stopped after 250 steps (1 change(s))" in result.reason

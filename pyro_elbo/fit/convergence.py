@@ -567,10 +567,14 @@ class RelativeTolerance(ConvergenceRule):
         return f"rel. change {_median(self._changes):.2g}"
 
     def reason(self, stopped: bool) -> str:
-        if not self._changes:
+        if len(self._changes) < self.size:
+            needed = (self.size + 1) * self.eval_every
             return (
-                f"fewer than {2 * self.eval_every} steps: no relative change of the ELBO yet "
-                "(RelativeTolerance). Raise max_steps."
+                f"never tested: RelativeTolerance compares the mean or median of {self.size} "
+                f"relative ELBO changes (one every {self.eval_every} steps) with tol={self.tol}, "
+                f"so its first test is at step {needed}, and the run stopped after "
+                f"{self._count} steps ({len(self._changes)} change(s)). Raise max_steps to at "
+                f"least {needed}."
             )
         mean, median = _mean(self._changes), _median(self._changes)
         if self.converged:
