@@ -1,18 +1,21 @@
 """The checks ``fit`` runs before step 1, for users of ``pyro.infer.SVI(..., loss=ELBO())``.
 
-Every pyro_elbo objective calls :func:`check_first_call` once per (model, guide) pair, on its
-first ``loss``/``loss_and_grads``/``differentiable_loss`` call (cached by the pair's identity,
-so later steps pay one set lookup):
+Every pyro_elbo objective routes its first ``loss``/``loss_and_grads``/``differentiable_loss``
+call on a (model, guide) pair through :func:`run_first_call` (the pair is remembered by
+identity, so later steps pay one set lookup):
 
-* when the particle engine **succeeded**, the checks of :func:`~pyro_elbo.fit.preflight.check_pair`
-  (data types, supports, plates, pathwise estimators, NaN in the data, a model with nothing
-  observed) run on the first particle's traces: no extra run of model or guide, and no random
-  number is consumed, so a seeded SVI run draws what it drew before;
-* when the engine **failed** (torch's raw constraint error for a guide off the prior's support,
+* when the call **fails** (torch's raw constraint error for a guide off the prior's support,
   Pyro's "value argument to log_prob must be a Tensor" for numpy data...),
-  :func:`~pyro_elbo.fit.preflight.check_model_guide` runs once on a fresh draw (blocked, with
-  a forked random generator) to replace the error by the one ``fit`` gives, naming the site or
-  argument; if it finds nothing, the original error propagates.
+  :func:`~pyro_elbo.fit.preflight.check_model_guide` runs on a fresh draw (blocked, with a
+  forked random generator) and raises the error ``fit`` gives, naming the site or argument, from
+  the original; if it finds nothing, or the original error is already one of pyro_elbo's, the
+  original propagates;
+* when it **succeeds**, the checks of :func:`~pyro_elbo.fit.preflight.check_pair` (data types,
+  supports, plates, NaN in the data, a model that observes nothing) run once on one more draw
+  of guide and model, blocked and with a forked random generator: after the call, so that an
+  autoguide is built by the call itself and a seeded SVI run draws exactly what it drew before.
+  The checks the engine and the objectives make themselves (structure, estimators) are left to
+  them.
 
 ``fit`` runs :func:`~pyro_elbo.fit.preflight.check_model_guide` itself and marks the pair
 (:func:`mark_checked`), so its checks and warnings come once.
@@ -21,39 +24,56 @@ so later steps pay one set lookup):
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
+import pyro.poutine as poutine
 import torch
 
-__all__ = ["check_first_call", "explain_first_failure", "is_first_call", "mark_checked"]
+__all__ = ["CHECKED_PAIRS", "explain_first_failure", "mark_checked", "run_first_call"]
 
-
-def _checked(objective) -> set:
-    # kept in the instance dict so that objectives need no change to __init__
-    return objective.__dict__.setdefault("_pyro_elbo_checked_pairs", set())
-
-
-def is_first_call(objective, model, guide) -> bool:
-    """Whether ``objective`` has not yet checked this (model, guide) pair."""
-    return (id(model), id(guide)) not in _checked(objective)
+#: the instance attribute holding the checked pairs (kept in the instance dict, so that
+#: objectives need no change to ``__init__``; ``ParticleObjective`` reads it by this name)
+CHECKED_PAIRS = "_pyro_elbo_checked_pairs"
 
 
 def mark_checked(objective, model, guide) -> None:
     """Record the pair as checked (``fit`` calls this after its own check before step 1)."""
-    _checked(objective).add((id(model), id(guide)))
+    objective.__dict__.setdefault(CHECKED_PAIRS, set()).add((id(model), id(guide)))
 
 
-def check_first_call(objective, model, guide, args, kwargs, particles) -> None:
-    """The checks on the first particle's traces of a successful engine run."""
+def run_first_call(objective, model, guide, args, kwargs, compute):
+    """``compute()`` (the objective's first call on the pair) with fit's checks around it."""
+    try:
+        result = compute()
+    except Exception as error:
+        explain_first_failure(objective, model, guide, args, kwargs, error)
+        raise
+    check_after_first_call(objective, model, guide, args, kwargs)
+    mark_checked(objective, model, guide)
+    return result
+
+
+@contextmanager
+def _forked_rng():
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def check_after_first_call(objective, model, guide, args, kwargs) -> None:
+    """:func:`~pyro_elbo.fit.preflight.check_pair` on one blocked draw of the pair."""
     from pyro_elbo.fit.preflight import check_pair
 
-    mark_checked(objective, model, guide)
+    try:
+        with _forked_rng(), poutine.block(), torch.no_grad():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
+    except Exception:  # the objective's call succeeded: a draw that fails here is not ours
+        return
     check_pair(
-        particles.model_traces[0],
-        particles.guide_traces[0],
-        objective,
-        args,
-        kwargs,
-        check_density=False,
+        model_trace, guide_trace, objective, args, kwargs, check_density=False,
         engine_checks=False,
     )
 
@@ -65,9 +85,8 @@ def explain_first_failure(objective, model, guide, args, kwargs, error) -> None:
 
     if _raised_by_pyro_elbo(error):
         return  # already an error of ours, naming the site
-    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
     try:
-        with torch.random.fork_rng(devices=devices):
+        with _forked_rng():
             check_model_guide(model, guide, objective, args, kwargs, check_density=False)
     except (ModelGuideMismatchError, TypeError, ValueError, NotImplementedError) as better:
         if better is error or better.__cause__ is error:
