@@ -465,7 +465,9 @@ def to_dict(
     before = param_names(guide, "to_inference_data", stacklevel=5)
     with torch.no_grad():
         nesting = guess_plate_nesting(model, guide, args, kwargs)
-        enumerated, _ = find_enumerated(model, guide, args, kwargs)
+        # enumerated discrete sites, and a guide never fitted (from one blocked draw)
+        enumerated, guide_trace = find_enumerated(model, guide, args, kwargs)
+        warn_if_created(guide, before, guide_trace, "to_inference_data", stacklevel=5)
         if enumerated:  # discrete sites summed out, drawn by infer_discrete
             model_trace, guide_trace = prototype(model, guide, args, kwargs, nesting)
         else:
@@ -473,7 +475,6 @@ def to_dict(
                 model, guide, args, kwargs, num_particles=1, plate_nesting=nesting, validate=True
             )
             model_trace, guide_trace = proto.model_traces[0], proto.guide_traces[0]
-        warn_if_created(guide, before, guide_trace, "to_inference_data", stacklevel=5)
         layout = _Layout(model_trace, guide_trace, nesting)
         if log_likelihood and not layout.observed:
             raise ValueError(

@@ -167,25 +167,24 @@ def log_weights(
     model, guide, *args, num_samples: int, where: str = "log_weights", **kwargs
 ) -> torch.Tensor:
     """``log p(x, z_s) - log q(z_s)`` for S draws from the guide, shape ``(S,)`` (one vectorized
-    engine pass; a loop with a warning when the model does not vectorize)."""
+    engine pass; a loop with a warning when the model does not vectorize).  Discrete sites the
+    model enumerates are summed out of ``log p`` (:mod:`pyro_elbo.diagnostics.enumerated`)."""
     num_samples = check_num_samples(num_samples)
     before = param_names(guide, where, stacklevel=5)
     with torch.no_grad():
         nesting = guess_plate_nesting(model, guide, args, kwargs)
+        # enumerated discrete sites, and a guide never fitted (from one blocked draw)
         enumerated, guide_trace = find_enumerated(model, guide, args, kwargs)
-        if enumerated:  # discrete sites summed out
-            warn_if_created(guide, before, guide_trace, where, stacklevel=5)
-            draws = run_enumerated(
-                model, guide, args, kwargs, num_samples, nesting,
-                log_likelihood=False, draw_discrete=False,
-            )
+        warn_if_created(guide, before, guide_trace, where, stacklevel=5)
+        if enumerated:
+            draws = run_enumerated(model, guide, args, kwargs, num_samples, nesting,
+                                   log_likelihood=False, draw_discrete=False)
             return (draws.log_p() - draws.log_q()).double()
         # one unvectorized, validated run: a guide that does not match the model fails here,
         # with an error naming the site
-        proto = run_particles(
+        run_particles(
             model, guide, args, kwargs, num_particles=1, plate_nesting=nesting, validate=True
         )
-        warn_if_created(guide, before, proto.guide_traces[0], where, stacklevel=5)
         return draw_particles(
             model, guide, args, kwargs, num_samples, nesting, lambda p: p.log_p() - p.log_q()
         ).double()

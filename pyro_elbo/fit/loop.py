@@ -52,7 +52,6 @@ import torch
 
 from pyro_elbo.fit import checkpoint as ckpt
 from pyro_elbo.fit.convergence import fisher_diagonal, fisher_seed, make_rule
-from pyro_elbo.fit.first_call import mark_checked
 from pyro_elbo.fit.initial import LaplaceStage, check_init, default_optimizer, run_laplace
 from pyro_elbo.fit.preflight import (
     check_has_params,
@@ -637,7 +636,6 @@ class _Run:
         # the density of the guide's draw is checked after the Laplace stage, which starts from
         # the prior's mean and may move a guide whose own initialization overflows
         pre = check_model_guide(model, guide, objective, args, kwargs, check_density=False)
-        mark_checked(objective, model, guide)  # the objective's first call need not repeat it
         check_has_params(pre, guide)
         self.stage = run_laplace(
             self.init, model, guide, args, kwargs, batched=self.batches is not None

@@ -52,6 +52,7 @@ from pyro_elbo.engine.validation import (
     explain_replay_failure,
 )
 from pyro_elbo.fit.data_checks import check_data, raise_for_data, warn_if_nothing_observed
+from pyro_elbo.fit.first_call import mark_checked
 
 __all__ = [
     "PlateMismatchError",
@@ -226,6 +227,7 @@ def check_model_guide(model, guide, objective, args, kwargs, check_density=True)
             _note(error, "raised by the model (replayed on the guide) in fit's check before step 1")
             raise
     check_pair(model_trace, guide_trace, objective, args, kwargs, check_density=check_density)
+    mark_checked(objective, model, guide)  # the objective's first call need not repeat it
     guide_params = _param_names(guide_trace)
     model_params = [n for n in _param_names(model_trace) if n not in guide_params]
     return Preflight(guide_trace, model_trace, guide_params, model_params)
