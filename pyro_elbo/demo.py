@@ -13,8 +13,8 @@ zero).  A legend explains the columns and one verdict line counts the fits that 
 valid (:mod:`pyro_elbo.objectives.analytic_kl`); where no site qualifies (a joint guide such as
 AutoMultivariateNormal, constrained sites under AutoNormal) the objective *is* ``ELBO(4)``, so the
 demo does not refit: the row says that the closed form did not apply, and why.  With ``--out``
-the figure ``demo.png`` shows, per fit, ``ELBO - log p(x)`` (minus the KL gap) and
-``ELBO + KL - log p(x)`` (zero within noise).
+the figure ``demo.png`` shows, per fit, ``ELBO - log p(x)`` next to minus the exact KL gap, and
+the residual of the identity in standard errors.
 
 Run ``python -m pyro_elbo demo [--out DIR] [--steps N]`` (``--steps``: the most steps a fit may
 take).
@@ -45,22 +45,6 @@ from pyro_elbo.fit import AutoConvergence, fit
 from pyro_elbo.objectives.elbo import ELBO
 
 __all__ = ["closed_form_sites", "demo_oracles", "format_table", "plot_identity", "run_demo"]
-
-COLUMNS = (
-    "model",
-    "guide",
-    "objective",
-    "steps",
-    "converged",
-    "seconds",
-    "elbo",
-    "elbo_se",
-    "log_evidence",
-    "kl",
-    "kl_kind",
-    "residual_se_units",
-)
-
 
 def demo_oracles():
     """The oracles the demo fits, simulated from known parameters with fixed seeds."""
