@@ -72,10 +72,7 @@ def check_after_first_call(objective, model, guide, args, kwargs) -> None:
             )
     except Exception:  # the objective's call succeeded: a draw that fails here is not ours
         return
-    check_pair(
-        model_trace, guide_trace, objective, args, kwargs, check_density=False,
-        engine_checks=False,
-    )
+    check_pair(model_trace, guide_trace, args, kwargs)
 
 
 def explain_first_failure(objective, model, guide, args, kwargs, error) -> None:

@@ -226,37 +226,39 @@ def check_model_guide(model, guide, objective, args, kwargs, check_density=True)
             _raise_for_supports(model, guide_trace, args, kwargs, error)
             _note(error, "raised by the model (replayed on the guide) in fit's check before step 1")
             raise
-    check_pair(model_trace, guide_trace, objective, args, kwargs, check_density=check_density)
-    mark_checked(objective, model, guide)  # the objective's first call need not repeat it
-    guide_params = _param_names(guide_trace)
-    model_params = [n for n in _param_names(model_trace) if n not in guide_params]
-    return Preflight(guide_trace, model_trace, guide_params, model_params)
-
-
-def check_pair(
-    model_trace, guide_trace, objective, args, kwargs, *, check_density=True, engine_checks=True
-) -> None:
-    """The checks of :func:`check_model_guide` on traces already run (one draw, or the
-    vectorized particles of an objective's first call); ``engine_checks=False`` skips those
-    the particle engine and pyro_elbo's objectives make themselves (:func:`check_traces`, a
-    pathwise estimator on a non-reparameterized site), whose errors they raise."""
+    check_data(_sample_sites(model_trace), args, kwargs)
+    enumerating = handles_enumeration(objective)
+    check_traces(
+        _without_enumerated(model_trace, guide_trace, enumerating),
+        guide_trace,
+        allow_enumeration=enumerating,
+    )
     model_sites = _sample_sites(model_trace)
     guide_sites = _sample_sites(guide_trace)
-    check_data(model_sites, args, kwargs)
-    if engine_checks:
-        enumerating = handles_enumeration(objective)
-        check_traces(
-            _without_enumerated(model_trace, guide_trace, enumerating),
-            guide_trace,
-            allow_enumeration=enumerating,
-        )
-        _check_pathwise(guide_sites, objective)
+    _check_pathwise(guide_sites, objective)
     _check_plates(model_sites, guide_sites)
     _check_supports(model_sites, guide_sites)
     _check_observed(model_sites)
     warn_if_nothing_observed(model_sites)
     if check_density:
         _check_initial_density(model_trace, guide_trace)
+    mark_checked(objective, model, guide)  # the objective's first call need not repeat them
+    guide_params = _param_names(guide_trace)
+    model_params = [n for n in _param_names(model_trace) if n not in guide_params]
+    return Preflight(guide_trace, model_trace, guide_params, model_params)
+
+
+def check_pair(model_trace, guide_trace, args, kwargs) -> None:
+    """The checks of :func:`check_model_guide` that pyro_elbo's objectives do not make
+    themselves (data types, plates, supports, NaN data, a model that observes nothing), on
+    traces already run: what an objective's first call runs (:mod:`.first_call`)."""
+    model_sites = _sample_sites(model_trace)
+    guide_sites = _sample_sites(guide_trace)
+    check_data(model_sites, args, kwargs)
+    _check_plates(model_sites, guide_sites)
+    _check_supports(model_sites, guide_sites)
+    _check_observed(model_sites)
+    warn_if_nothing_observed(model_sites)
 
 
 class _RecordSites(poutine.messenger.Messenger):
