@@ -14,6 +14,7 @@ from pyro.infer import SVI
 from pyro.infer.autoguide import AutoNormal
 
 import pyro_elbo
+from pyro_elbo.fit.data_checks import NoObservationsWarning
 from pyro_elbo.fit.preflight import SupportMismatchError
 from pyro_elbo.guides.unfitted import UnfittedGuideWarning
 
@@ -68,7 +69,7 @@ def test_svi_warns_once_about_a_model_with_nothing_observed():
         warnings.simplefilter("always")
         for _ in range(3):
             svi.step(DATA)
-    found = _messages(record, text="no observed site")
+    found = _messages(record, NoObservationsWarning, text="no observed site")
     assert len(found) == 1
     assert [w.filename for w in record if "no observed site" in str(w.message)] == [__file__]
     assert "latent sites ['mu', 'obs'] are fitted to their prior" in found[0]

@@ -14,7 +14,13 @@ import warnings
 
 import torch
 
-__all__ = ["check_data", "raise_for_data", "warn_if_nothing_observed"]
+__all__ = ["NoObservationsWarning", "check_data", "raise_for_data", "warn_if_nothing_observed"]
+
+
+class NoObservationsWarning(UserWarning):
+    """The model observes nothing (no ``obs=``, no ``pyro.factor``): its latents are fitted to
+    their prior.  Silence it with ``warnings.filterwarnings("ignore",
+    category=NoObservationsWarning)`` when that is meant (sampling a prior)."""
 
 
 def _argument_name(value, args, kwargs):
@@ -87,11 +93,13 @@ def warn_if_nothing_observed(model_sites):
            for site in model_sites.values()):
         return
     latent = [n for n, s in model_sites.items() if not s["is_observed"]]
+    if not latent:
+        return  # nothing is fitted to anything
     warnings.warn(
         f"the model has no observed site (no pyro.sample(..., obs=...) and no pyro.factor), so "
         f"there is no data in the objective: the latent sites {latent[:6]} are fitted to their "
         "prior. Pass the data with obs= (pyro.sample('x', dist, obs=data)).",
-        UserWarning,
+        NoObservationsWarning,
         stacklevel=_outside_libraries(),
     )
 
