@@ -47,3 +47,19 @@ def test_table_has_legend_verdict_and_the_reason_a_row_was_not_refitted():
     assert verdict([ROW, skipped, bad]).startswith("FAIL: 1 of 2 fits have ELBO + KL(q‖p) "
                                                    "within 4 SE of the exact log p(x)")
     assert verdict([ROW]).startswith("PASS: 1 of 1 fits")
+
+
+def test_figure_shows_each_fit_gap_and_residual():
+    from pyro_elbo.demo import plot_identity
+
+    rows = [ROW, dict(ROW, model="N", kl=0.05, elbo=-70.04, residual_se_units=-1.5),
+            dict(ROW, objective="ELBO(4, analytic_kl)", note="skipped", elbo=None)]
+    rows[-1].pop("elbo")
+    fig = plot_identity(rows)
+    left, right = fig.axes[:2]
+    (crosses,) = [line for line in left.lines if line.get_marker() == "x"]
+    assert list(crosses.get_xdata()) == [-0.01, -0.05]  # -KL of each fitted row
+    (dots,) = [line for line in right.lines if line.get_marker() == "o"]
+    assert list(dots.get_xdata()) == [0.5, -1.5]  # the residuals in SE
+    assert {t.get_text() for t in left.get_yticklabels()} == {
+        "M · Normal · ELBO(4)", "N · Normal · ELBO(4)"}
