@@ -30,6 +30,15 @@ The posterior predictive draws each observed site from its distribution given th
 observed values of the sites before it), as ``az.plot_ppc`` and LOO-PIT expect for
 conditionally independent data.
 
+**Enumerated models.** A model fitted with ``TraceEnum_ELBO`` (discrete sites marked for
+parallel enumeration, absent from the guide) takes the path of
+:mod:`pyro_elbo.diagnostics.enumerated`: the continuous latents come from the guide, the
+discrete ones are drawn from their conditional posterior by ``infer_discrete``, and ``lp`` and
+the pointwise log-likelihood have the discrete sites summed out, so :func:`loo` applies as is.
+
+A guide that was never fitted gets an ``UnfittedGuideWarning``
+(:mod:`pyro_elbo.guides.unfitted`).
+
 **Versions.** The groups are built as plain numpy (:class:`InferenceDict`, no ArviZ import), then
 handed to ``arviz.from_dict`` (ArviZ < 1, an ``InferenceData``) or ``arviz_base.from_dict``
 (ArviZ >= 1, an ``xarray.DataTree``), by the installed version of the ``arviz`` distribution.
@@ -489,18 +498,29 @@ def to_dict(
     """
     import torch
 
+    from pyro_elbo.diagnostics.enumerated import find_enumerated, prototype, run_enumerated
     from pyro_elbo.engine.particles import guess_plate_nesting, run_particles
 
     num_samples = check_num_samples(num_samples)
     if resample not in (None, "psis"):
         raise ValueError(f"resample must be None or 'psis', got {resample!r}")
     loss_trace = None if losses is None else _loss_array(losses)
+    from pyro_elbo.guides.unfitted import param_names, warn_if_created
+
+    before = param_names(guide, "to_inference_data", stacklevel=5)
     with torch.no_grad():
         nesting = guess_plate_nesting(model, guide, args, kwargs)
-        proto = run_particles(
-            model, guide, args, kwargs, num_particles=1, plate_nesting=nesting, validate=True
-        )
-        layout = _Layout(proto.model_traces[0], proto.guide_traces[0], nesting)
+        # enumerated discrete sites, and a guide never fitted (from one blocked draw)
+        enumerated, guide_trace = find_enumerated(model, guide, args, kwargs)
+        warn_if_created(guide, before, guide_trace, "to_inference_data", stacklevel=5)
+        if enumerated:  # discrete sites summed out, drawn by infer_discrete
+            model_trace, guide_trace = prototype(model, guide, args, kwargs, nesting)
+        else:
+            proto = run_particles(
+                model, guide, args, kwargs, num_particles=1, plate_nesting=nesting, validate=True
+            )
+            model_trace, guide_trace = proto.model_traces[0], proto.guide_traces[0]
+        layout = _Layout(model_trace, guide_trace, nesting)
         if log_likelihood and not layout.observed:
             raise ValueError(
                 "the model has no observed site (pyro.sample(..., obs=data)), so there is no "
@@ -520,7 +540,12 @@ def to_dict(
         def collect(particles):
             return layout.collect(particles, posterior_predictive, log_likelihood)
 
-        groups = draw_particles(model, guide, args, kwargs, num_samples, nesting, collect)
+        if enumerated:
+            groups = collect(
+                run_enumerated(model, guide, args, kwargs, num_samples, nesting, log_likelihood)
+            )
+        else:
+            groups = draw_particles(model, guide, args, kwargs, num_samples, nesting, collect)
         attrs = _attrs(guide, num_samples)
         if resample == "psis":
             attrs["posterior"].update(_psis_resample(groups, num_samples))

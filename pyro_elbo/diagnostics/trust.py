@@ -42,8 +42,10 @@ import torch
 
 import pyro_elbo.diagnostics.degenerate as degenerate
 from pyro_elbo.diagnostics.arviz import check_num_samples, draw_particles, psis_khat
+from pyro_elbo.diagnostics.enumerated import find_enumerated, run_enumerated
 from pyro_elbo.engine.bounds import cubo_estimate, elbo_estimate, iw_estimate
 from pyro_elbo.engine.particles import guess_plate_nesting, run_particles
+from pyro_elbo.guides.unfitted import param_names, warn_if_created
 
 __all__ = [
     "Diagnosis",
@@ -189,12 +191,23 @@ class EvidenceBounds:
         )
 
 
-def log_weights(model, guide, *args, num_samples: int, **kwargs) -> torch.Tensor:
+def log_weights(
+    model, guide, *args, num_samples: int, where: str = "log_weights", **kwargs
+) -> torch.Tensor:
     """``log p(x, z_s) - log q(z_s)`` for S draws from the guide, shape ``(S,)`` (one vectorized
-    engine pass; a loop with a warning when the model does not vectorize)."""
+    engine pass; a loop with a warning when the model does not vectorize).  Discrete sites the
+    model enumerates are summed out of ``log p`` (:mod:`pyro_elbo.diagnostics.enumerated`)."""
     num_samples = check_num_samples(num_samples)
+    before = param_names(guide, where, stacklevel=5)
     with torch.no_grad():
         nesting = guess_plate_nesting(model, guide, args, kwargs)
+        # enumerated discrete sites, and a guide never fitted (from one blocked draw)
+        enumerated, guide_trace = find_enumerated(model, guide, args, kwargs)
+        warn_if_created(guide, before, guide_trace, where, stacklevel=5)
+        if enumerated:
+            draws = run_enumerated(model, guide, args, kwargs, num_samples, nesting,
+                                   log_likelihood=False, draw_discrete=False)
+            return (draws.log_p() - draws.log_q()).double()
         # one unvectorized, validated run: a guide that does not match the model fails here,
         # with an error naming the site
         run_particles(
@@ -213,7 +226,7 @@ def diagnose(model, guide, *args, num_samples: int = 10000, **kwargs) -> Diagnos
     ``args``/``kwargs`` go to model and guide (run on the full data).
     """
     num_samples = check_num_samples(num_samples, minimum=MIN_SAMPLES)
-    lw = log_weights(model, guide, *args, num_samples=num_samples, **kwargs)
+    lw = log_weights(model, guide, *args, num_samples=num_samples, where="diagnose", **kwargs)
     log_evidence, log_evidence_se = iw_estimate(lw)
     elbo, elbo_se = elbo_estimate(lw)
     point_mass = degenerate.check_degenerate(model, guide, args, kwargs, lw)
@@ -241,7 +254,9 @@ def evidence_bounds(model, guide, *args, num_samples: int = 10000, **kwargs) -> 
     is trustworthy only when the weights have a finite second moment (k-hat < 0.5).
     """
     num_samples = check_num_samples(num_samples, minimum=2)
-    lw = log_weights(model, guide, *args, num_samples=num_samples, **kwargs)
+    lw = log_weights(
+        model, guide, *args, num_samples=num_samples, where="evidence_bounds", **kwargs
+    )
     lower, lower_se = iw_estimate(lw)
     upper, upper_se = cubo_estimate(lw, n=2.0)
     point_mass = degenerate.check_degenerate(model, guide, args, kwargs, lw)

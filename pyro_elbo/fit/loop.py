@@ -130,61 +130,14 @@ class FitResult:
         )
 
     def plot(self, ax=None):
-        """The loss trace with a running mean, the averaged window and skipped steps marked.
+        """The losses relative to the final value, with a running mean, the averaged window,
+        skipped steps and the Laplace stage marked (:mod:`pyro_elbo.fit.plot`).
 
         Returns a ``matplotlib.figure.Figure`` (drawn on ``ax`` when given).
         """
-        from matplotlib.figure import Figure
+        from pyro_elbo.fit.plot import plot_fit
 
-        if ax is None:
-            fig = Figure(figsize=(7.0, 3.5), layout="constrained")
-            ax = fig.add_subplot()
-        else:
-            fig = ax.figure
-        losses = np.asarray(self.losses, dtype=np.float64)
-        steps = np.arange(1, len(losses) + 1)
-        ax.plot(steps, losses, lw=0.6, alpha=0.45, color="C0", label="loss")
-        finite = np.isfinite(losses)
-        width = max(10, len(losses) // 50)
-        if finite.sum() >= 2 * width:
-            filled = np.where(finite, losses, np.nan)
-            kernel = np.ones(width)
-            valid = np.convolve(finite.astype(float), kernel, mode="valid")
-            sums = np.convolve(np.nan_to_num(filled), kernel, mode="valid")
-            with np.errstate(invalid="ignore", divide="ignore"):
-                ax.plot(
-                    steps[width - 1 :],
-                    sums / valid,
-                    color="C0",
-                    lw=1.5,
-                    label=f"mean of {width} steps",
-                )
-        start = self.diagnostics.get("stationary_from")
-        if start is not None:
-            ax.axvspan(start, len(losses), color="C2", alpha=0.15, label="averaged iterates")
-        if self.skipped_steps:
-            ax.plot(
-                list(self.skipped_steps),
-                [np.nanmin(losses[finite])] * len(self.skipped_steps)
-                if finite.any()
-                else [0.0] * len(self.skipped_steps),
-                "x",
-                color="C3",
-                label="skipped (non-finite)",
-            )
-        if finite.sum() >= 10:
-            tail = losses[finite][len(losses[finite]) // 10 :]
-            low, high = float(np.min(losses[finite])), float(np.quantile(tail, 0.995))
-            pad = 0.05 * (high - low) or 1.0
-            ax.set_ylim(low - pad, high + pad)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title(
-            ("converged" if self.converged else "not converged") + f" after {self.num_steps} steps",
-            fontsize=10,
-        )
-        ax.legend(loc="upper right", fontsize=8)
-        return fig
+        return plot_fit(self, ax)
 
 
 class FitState:
