@@ -15,8 +15,7 @@ repeated, so the objective's loss *and its gradients* are captured once as a sin
 3. compile the graph with inductor (``torch._inductor.compile_fx``), one graph per argument
    signature (the shapes of the data: a smaller last batch adds one graph, once);
 4. each step: one call of the compiled graph, the gradients set as ``.grad``, one host read of
-   ``(loss, finite)``, and the optimizer (:class:`CompiledStep`: one Adam compiled by
-   ``torch.compile``).
+   ``(loss, finite)``, and the optimizer (:class:`CompiledStep`: one fused Adam).
 
 Random numbers: the graph's sampling ops draw from torch's global generator in the same order as
 the eager objective (inductor's ``fallback_random``), so with the same seed the compiled losses
@@ -218,18 +217,25 @@ def capture(objective, model, guide, names, leaves, args, kwargs):
 
 
 def _compile(graph, example_inputs, backend):
+    """Compile the captured graph with inductor.  The inputs are given as fake tensors under a
+    tracing context with a shape environment, as ``torch.compile`` does, so that inductor's
+    FX-graph cache can hit (a warm compile takes about a second instead of ten)."""
     if backend == "eager":
         return graph
     if backend != "inductor":
         raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")
-    patches = {"fallback_random": True}  # the eager objective's random streams
-    try:
-        from torch._inductor.compile_fx import compile_fx
-    except ImportError:  # pragma: no cover - a torch without inductor's entry point
-        return torch.compile(graph, fullgraph=True, dynamic=False)
+    from torch._guards import TracingContext, tracing
+    from torch._inductor.compile_fx import compile_fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    patches = {"fallback_random": True}  # draw as the eager objective does
     with torch.no_grad(), _forked_rng():
-        compiled_fn = compile_fx(graph, list(example_inputs), config_patches=patches)
-        compiled_fn(*example_inputs)  # compile now, not at the first step
+        fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+        fake_inputs = [fake_mode.from_tensor(t, static_shapes=True) for t in example_inputs]
+        with tracing(TracingContext(fake_mode)):
+            compiled_fn = compile_fx(graph, fake_inputs, config_patches=patches)
+        compiled_fn(*example_inputs)  # finish compiling now, not at the first step
     return compiled_fn
 
 
@@ -369,10 +375,15 @@ def compiled_loss_and_grads(
 
 
 def _adam(params, lr, options):
-    """One Adam over all parameters, its step compiled by ``torch.compile`` (``foreach``
-    kernels fused by inductor); the eager fused/foreach Adam where compiling is not possible."""
-    optimizer = torch.optim.Adam(params, lr=torch.tensor(lr), **options)
-    return optimizer, torch.compile(optimizer.step, fullgraph=False, dynamic=False)
+    """One Adam over all parameters: the fused kernel (one launch per step) where torch has it
+    for these tensors, else ``foreach``.  (It runs eagerly: compiling it with ``torch.compile``
+    adds a dynamo compile, tens of seconds cold, for one kernel launch per step.)"""
+    if "fused" not in options and "foreach" not in options:
+        try:
+            return torch.optim.Adam(params, lr=lr, fused=True, **options)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return torch.optim.Adam(params, lr=lr, **{"foreach": True, **options})
 
 
 class CompiledStep:
@@ -399,13 +410,13 @@ class CompiledStep:
         self._loss_and_grads = CompiledLossAndGrads(
             model, guide, loss, self.param_names, self.params, args, kwargs
         )
-        self.optimizer, self._optimizer_step = _adam(self.params, lr, adam or {})
+        self.optimizer = _adam(self.params, lr, adam or {})
 
     def __call__(self, *args) -> float:
         for leaf in self.params:
             leaf.grad = None
         value = self._loss_and_grads(self.model, self.guide, *args, **self.kwargs)
-        self._optimizer_step()
+        self.optimizer.step()
         return value
 
 
@@ -455,6 +466,9 @@ class CompiledObjective(pyro.infer.ELBO):
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         return self.objective.differentiable_loss(model, guide, *args, **kwargs)
+
+    def _get_trace(self, model, guide, args, kwargs):
+        return self.objective._get_trace(model, guide, args, kwargs)
 
     def loss_and_grads(self, model, guide, *args, **kwargs):
         pair = (id(model), id(guide))
