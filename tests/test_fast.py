@@ -23,8 +23,7 @@ from pyro.infer.autoguide import (
 from pyro.nn import PyroModule, PyroParam
 from torch.distributions import constraints, kl_divergence
 
-from pyro_elbo import CUBO, ELBO, IWELBO, InclusiveKL, posterior_of
-from pyro_elbo import fast
+from pyro_elbo import CUBO, ELBO, IWELBO, InclusiveKL, fast, posterior_of
 from pyro_elbo.conjugate import LinearRegression
 from pyro_elbo.fast import CompiledLossAndGrads, CompiledStep, compile_step, compiled
 from pyro_elbo.fit import fit
