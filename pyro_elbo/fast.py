@@ -200,20 +200,28 @@ def capture(objective, model, guide, names, leaves, args, kwargs):
         raise CaptureError(
             f"the step reads parameters {sorted(outside)[:4]} that are not optimized"
         )
-    dynamic = sorted(
-        {
-            str(node.target)
-            for node in graph.graph.nodes
-            if node.op == "call_function"
-            and torch.Tag.dynamic_output_shape in getattr(node.target, "tags", ())
-        }
-    )
+    dynamic = sorted({str(node.target) for node in graph.graph.nodes if _value_shaped(node)})
     if dynamic:
         raise CaptureError(
             f"the step uses ops whose output shape depends on values ({', '.join(dynamic[:3])}, "
             "e.g. a boolean mask), which one graph cannot hold"
         )
     return graph, used["index"]
+
+
+def _value_shaped(node) -> bool:
+    """Whether the node's output shape depends on tensor values (``nonzero``, a boolean
+    mask...); ``aten.index`` only when one of its indices is boolean."""
+    if node.op != "call_function":
+        return False
+    if node.target in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default):
+        indices = node.args[1] if len(node.args) > 1 else ()
+        return any(
+            index is not None
+            and getattr(index.meta.get("val"), "dtype", None) in (torch.bool, torch.uint8)
+            for index in indices
+        )
+    return torch.Tag.dynamic_output_shape in getattr(node.target, "tags", ())
 
 
 def _compile(graph, example_inputs, backend):
