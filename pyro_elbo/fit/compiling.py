@@ -1,10 +1,16 @@
 """``fit``'s choice between the compiled step (:mod:`pyro_elbo.fast`) and the eager one.
 
 ``compile=True`` captures and compiles the step before step 1.  ``compile="auto"`` (the default)
-starts eager and switches once the run has shown it is long: at step :data:`AUTO_AFTER` (500),
-when at least :data:`AUTO_REMAINING` (1000) more steps may follow.  A fit that converges or
-stops earlier never pays the compile (a few seconds with inductor's cache warm, 10-20 s cold),
-and the rule depends on step counts only, so a resumed run switches at the same step as an
+compiles when the run is long enough to repay the compile (about 10 s in a fresh process with
+inductor's cache warm, most of it importing inductor; 20-80 s cold on a 2-core machine):
+
+* a run of known length (``num_steps``, or ``convergence=None``) of at least
+  :data:`AUTO_MIN_STEPS` (2000) steps compiles before step 1;
+* a run stopped by a convergence rule starts eager and switches once it has shown it is long:
+  at step :data:`AUTO_AFTER` (500), when at least :data:`AUTO_REMAINING` (1000) more steps may
+  follow.  A fit that converges earlier never pays the compile.
+
+The rule depends on step counts only, so a resumed run compiles from the same step as an
 uninterrupted one (bit for bit on CPU).  ``compile=False`` is eager throughout.
 
 The compiled and eager steps draw the same random numbers (:mod:`pyro_elbo.fast`), so the
@@ -17,8 +23,10 @@ from __future__ import annotations
 
 import warnings
 
-__all__ = ["AUTO_AFTER", "AUTO_REMAINING", "CompileStatus", "Compiler"]
+__all__ = ["AUTO_AFTER", "AUTO_MIN_STEPS", "AUTO_REMAINING", "CompileStatus", "Compiler"]
 
+#: ``compile="auto"`` compiles a run of known length from step 1 when it has this many steps
+AUTO_MIN_STEPS = 2000
 #: ``compile="auto"`` switches to the compiled step at this step...
 AUTO_AFTER = 500
 #: ... when at least this many more steps may follow
@@ -55,13 +63,20 @@ class Compiler:
     """The compile setting of one ``fit`` run: :meth:`start` before the loop gives the step
     function, :meth:`due` says at which step to call :meth:`switch`."""
 
-    def __init__(self, setting, *, target, batched):
+    def __init__(self, setting, *, target, batched, known_length):
         if setting not in (True, False, "auto"):
             raise TypeError(f"fit: compile must be True, False or 'auto', got {setting!r}")
         self.setting, self.target, self.batched = setting, target, batched
         self.status = CompileStatus(False, "compile=False: eager steps")
         self.due = None  # the step at which "auto" switches
-        if setting == "auto":
+        if setting == "auto" and known_length:
+            self.due = 0 if target >= AUTO_MIN_STEPS else None
+            self.status = CompileStatus(
+                False,
+                f'compile="auto": eager, a run of {target} steps (compiling pays from '
+                f"{AUTO_MIN_STEPS})",
+            )
+        elif setting == "auto":
             if target - AUTO_AFTER >= AUTO_REMAINING:
                 self.due = AUTO_AFTER
                 self.status = CompileStatus(
@@ -78,7 +93,7 @@ class Compiler:
 
     def start(self, run):
         """The step function before step 1 (the compiled one for ``compile=True``)."""
-        if self.setting is True:
+        if self.setting is True or self.due == 0:
             return self.switch(run, step=0)
         return run.objective.loss_and_grads
 

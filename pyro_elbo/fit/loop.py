@@ -596,8 +596,9 @@ def fit(
         :class:`FitState`; one returning ``True`` stops the run.
     :param compile: ``"auto"`` (default), ``True`` or ``False``: run each step as one compiled
         graph (:mod:`pyro_elbo.fast`: the objective's loss and gradients captured once with FX,
-        compiled by inductor; the same estimator and random numbers).  ``"auto"`` switches to it
-        at step 500 of a run that may go on for 1000 more (:mod:`.compiling`); ``True``
+        compiled by inductor; the same estimator and random numbers).  ``"auto"`` compiles a
+        run of 2000 steps or more (``num_steps``) from step 1, and switches a run stopped by the
+        convergence rule at step 500 when 1000 more may follow (:mod:`.compiling`); ``True``
         compiles before step 1.  A step that cannot be captured runs eagerly with a one-line
         warning; ``result.compiled.reason`` says which path ran and why.
     :param data: an iterable of batches (e.g. a ``DataLoader``); each step takes the next batch
@@ -704,7 +705,10 @@ class _Run:
         self.names = [names[i] for i in keep]
         self.leaves = [leaves[i] for i in keep]
         self.opt = _make_optimizer(self.optim, self.leaves, self.names)
-        self.compiler = Compiler(self.compile, target=self.target, batched=self.batches is not None)
+        self.compiler = Compiler(
+            self.compile, target=self.target, batched=self.batches is not None,
+            known_length=self.num_steps is not None or self.rule is None,
+        )
         self.step_fn = self.compiler.start(self)
         self.guide_names = set(pre.guide_params)
         if self.rule is not None:
