@@ -23,6 +23,12 @@ from __future__ import annotations
 
 import warnings
 
+import pyro
+import pyro.poutine as poutine
+import torch
+
+from pyro_elbo.fast import _forked_rng
+
 __all__ = ["AUTO_AFTER", "AUTO_MIN_STEPS", "AUTO_REMAINING", "CompileStatus", "Compiler"]
 
 #: ``compile="auto"`` compiles a run of known length from step 1 when it has this many steps
@@ -119,3 +125,18 @@ class Compiler:
             from_step=step + 1,
         )
         return compiled
+
+    def refusal(self, run, rng_state):
+        """On a non-finite compiled step: re-run the step eagerly from ``rng_state`` (same
+        draws), so that a distribution refusing a non-finite value under Pyro's validation
+        (which the graph does not run) is reported as the eager path reports it."""
+        if not self.status.compiled or not pyro.infer.util.is_validation_enabled():
+            return None
+        args, kwargs = run.call
+        with _forked_rng(), poutine.block(), torch.no_grad():
+            torch.set_rng_state(rng_state)
+            try:
+                run.objective.loss(run.model, run.guide, *args, **kwargs)
+            except ValueError as error:
+                return run._refused(error, rng_state, run.leaves)
+        return None

@@ -945,6 +945,7 @@ class _Run:
 
     def _raise_nonfinite(self, value, refused, rng_state):
         step, losses = self.step, self.losses + [value]
+        refused = refused or self.compiler.refusal(self, rng_state)
         if refused is not None:
             error, sites, note = refused
             raise _nonfinite_error(
