@@ -156,6 +156,36 @@ print(r.seconds, bool(r.compiled))
 """
 
 
+_STRESS_CODE = """
+import torch, pyro, warnings; warnings.simplefilter('ignore')
+torch.set_num_threads(1)
+from benchmarks.stress import CASES; from pyro_elbo import fit
+case = CASES[{key!r}]()
+r = fit(case.model, None, *case.args, seed=0, progress=False, compile={setting!r})
+print(r.seconds, r.num_steps, bool(r.compiled))
+"""
+
+
+def stress_fit_times() -> dict:
+    """The held-out-style wall time: ``fit(model, None, *args, seed=0)`` (every default, stopped
+    by the convergence rule) on each stress-suite model, ``compile="auto"`` against
+    ``compile=False``, each in a fresh process (inductor's cache warm), interleaved."""
+    from benchmarks.stress import CASES
+
+    out = {}
+    for key in CASES:
+        row = {}
+        for setting in ("auto", False):
+            seconds, steps, compiled = _run_python(_STRESS_CODE.format(key=key, setting=setting))
+            row["auto" if setting == "auto" else "eager"] = float(seconds)
+            row["steps_" + ("auto" if setting == "auto" else "eager")] = int(steps)
+            if setting == "auto":
+                row["auto_compiled"] = compiled == "True"
+        out[key] = row
+        print("stress fit seconds", key, row, flush=True)
+    return out
+
+
 def _run_python(code, env=None):
     import os
 
@@ -215,7 +245,7 @@ def machine() -> str:
     )
 
 
-def format_markdown(results, memory, compiles=None, fits=None) -> str:
+def format_markdown(results, memory, compiles=None, fits=None, stress=None) -> str:
     from benchmarks import numpyro_models
 
     lines = [f"Machine: {machine()}", ""]
@@ -253,6 +283,19 @@ def format_markdown(results, memory, compiles=None, fits=None) -> str:
             for k, v in fits.items()
         ]
         lines.append("")
+    if stress:
+        lines += [
+            "**`fit(model, None, *args, seed=0)` on the stress-suite models, seconds end to end**",
+            "",
+            '| model | compile="auto" (steps, compiled?) | compile=False (steps) | ratio |',
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {v['auto']:.1f} ({v['steps_auto']}, {'yes' if v['auto_compiled'] else 'no'})"
+            f" | {v['eager']:.1f} ({v['steps_eager']}) | {v['auto'] / v['eager']:.2f} |"
+            for k, v in stress.items()
+        ]
+        lines.append("")
     if memory:
         lines += [
             "**Peak RSS, VAE step (ELBO(K), 50 steps)**",
@@ -284,6 +327,10 @@ def main(argv=None):
         "--fit", action="store_true",
         help='also time fit(num_steps=2000) end to end, compile="auto" against eager',
     )
+    parser.add_argument(
+        "--stress-fit", action="store_true",
+        help='also time fit(model, None, *args) on the stress-suite models, auto against eager',
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     pyro.enable_validation(False)
@@ -297,13 +344,14 @@ def main(argv=None):
     memory = {k: peak_rss_mb(k) for k in (1, 16, 128)} if args.memory else {}
     compiles = compile_times(args.problems) if args.compile_times else {}
     fits = fit_times([k for k in args.problems if k != "vae"]) if args.fit else {}
-    table = format_markdown(results, memory, compiles, fits)
+    stress = stress_fit_times() if args.stress_fit else {}
+    table = format_markdown(results, memory, compiles, fits, stress)
     print(table)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "speed.md").write_text(table + "\n")
     payload = {
         "machine": machine(), "ms_per_step": results, "peak_rss_mb": memory,
-        "compile_seconds": compiles, "fit_seconds": fits,
+        "compile_seconds": compiles, "fit_seconds": fits, "stress_fit_seconds": stress,
     }
     (RESULTS / "speed.json").write_text(json.dumps(payload, indent=2))
     print(f"\nwrote {RESULTS / 'speed.md'} and {RESULTS / 'speed.json'}")

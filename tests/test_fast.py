@@ -324,10 +324,12 @@ def test_auto_keeps_short_fits_eager():
     assert not result.compiled and "compiling pays from 2000" in result.compiled.reason
 
 
-def test_auto_compiles_a_long_fit_and_resumes_bit_for_bit(tmp_path):
-    """compile="auto" switches a run under a convergence rule at step 500; a run stopped at
-    step 1100 and resumed from its checkpoint ends where the uninterrupted run does, bit for
-    bit."""
+def test_auto_compiles_a_long_fit_and_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """compile="auto" switches a run under a convergence rule at step AUTO_AFTER (here 500,
+    for a short test); a run stopped at step 1100 and resumed from its checkpoint ends where the
+    uninterrupted run does, bit for bit."""
+    monkeypatch.setattr("pyro_elbo.fit.compiling.AUTO_AFTER", 500)
+    monkeypatch.setattr("pyro_elbo.fit.compiling.AUTO_REMAINING", 1000)
     def run(checkpoint=None, stop_at=None):
         pyro.clear_param_store()
         guide = AutoNormal(model, init_scale=0.5)

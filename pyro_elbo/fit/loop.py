@@ -598,7 +598,7 @@ def fit(
         graph (:mod:`pyro_elbo.fast`: the objective's loss and gradients captured once with FX,
         compiled by inductor; the same estimator and random numbers).  ``"auto"`` compiles a
         run of 2000 steps or more (``num_steps``) from step 1, and switches a run stopped by the
-        convergence rule at step 500 when 1000 more may follow (:mod:`.compiling`); ``True``
+        convergence rule at step 2000 when 2000 more may follow (:mod:`.compiling`); ``True``
         compiles before step 1.  A step that cannot be captured runs eagerly with a one-line
         warning; ``result.compiled.reason`` says which path ran and why.
     :param data: an iterable of batches (e.g. a ``DataLoader``); each step takes the next batch
