@@ -26,7 +26,7 @@ from torch.distributions import constraints, kl_divergence
 from pyro_elbo import CUBO, ELBO, IWELBO, InclusiveKL, fast, posterior_of
 from pyro_elbo.conjugate import LinearRegression
 from pyro_elbo.fast import CompiledLossAndGrads, CompiledStep, compile_step, compiled
-from pyro_elbo.fit import fit
+from pyro_elbo.fit import compiling, fit
 from pyro_elbo.fit.convergence import RelativeTolerance
 
 GEN = torch.Generator().manual_seed(0)
@@ -328,8 +328,8 @@ def test_auto_compiles_a_long_fit_and_resumes_bit_for_bit(tmp_path, monkeypatch)
     """compile="auto" switches a run under a convergence rule at step AUTO_AFTER (here 500,
     for a short test); a run stopped at step 1100 and resumed from its checkpoint ends where the
     uninterrupted run does, bit for bit."""
-    monkeypatch.setattr("pyro_elbo.fit.compiling.AUTO_AFTER", 500)
-    monkeypatch.setattr("pyro_elbo.fit.compiling.AUTO_REMAINING", 1000)
+    monkeypatch.setattr(compiling, "AUTO_AFTER", 500)
+    monkeypatch.setattr(compiling, "AUTO_REMAINING", 1000)
     def run(checkpoint=None, stop_at=None):
         pyro.clear_param_store()
         guide = AutoNormal(model, init_scale=0.5)
