@@ -238,12 +238,18 @@ def _compile(graph, example_inputs, backend):
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     patches = {"fallback_random": True}  # draw as the eager objective does
-    with torch.no_grad(), _forked_rng():
-        fake_mode = FakeTensorMode(shape_env=ShapeEnv())
-        fake_inputs = [fake_mode.from_tensor(t, static_shapes=True) for t in example_inputs]
-        with tracing(TracingContext(fake_mode)):
-            compiled_fn = compile_fx(graph, fake_inputs, config_patches=patches)
-        compiled_fn(*example_inputs)  # finish compiling now, not at the first step
+    try:
+        with torch.no_grad(), _forked_rng():
+            fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+            fake_inputs = [fake_mode.from_tensor(t, static_shapes=True) for t in example_inputs]
+            with tracing(TracingContext(fake_mode)):
+                compiled_fn = compile_fx(graph, fake_inputs, config_patches=patches)
+            compiled_fn(*example_inputs)  # finish compiling now, not at the first step
+    except Exception as error:  # e.g. no C++ compiler for inductor's CPU kernels
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise CaptureError(
+            f"inductor could not compile the captured graph ({type(error).__name__}: {first})"[:300]
+        ) from error
     return compiled_fn
 
 

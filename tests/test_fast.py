@@ -222,6 +222,27 @@ def test_compile_step_reaches_the_exact_posterior():
     assert float(kl_divergence(posterior_of(guide), oracle.posterior())) < 0.01
 
 
+def test_a_failing_inductor_falls_back_with_its_reason(monkeypatch):
+    """No C++ compiler (or any inductor failure): the run goes on eagerly, saying why."""
+    import torch._inductor.compile_fx as inductor_entry
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Compiler: cc is not found")
+
+    monkeypatch.setattr(inductor_entry, "compile_fx", no_compiler)
+    results = []
+    for setting in (True, False):
+        pyro.clear_param_store()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results.append(fit(model, AutoNormal(model), X, Y, loss=ELBO(2), num_steps=10,
+                               seed=0, progress=False, init=None, compile=setting))
+    status = results[0].compiled
+    assert not status and "inductor could not compile" in status.reason
+    assert "cc is not found" in status.reason
+    assert (results[0].losses == results[1].losses).all()
+
+
 # ------------------------------------------------------------------ batches
 
 
