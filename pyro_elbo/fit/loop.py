@@ -99,7 +99,9 @@ class FitResult:
       (the recommended ones when ``fit`` chose them);
     * ``init``: what the stage before step 1 did (a :class:`~pyro_elbo.fit.initial.LaplaceStage`:
       ``.ran``, ``.result``, ``.message``, ``.seconds``);
-    * ``compiled``: whether the steps ran on the compiled fast path.
+    * ``compiled``: whether the steps ran on the compiled fast path;
+    * ``num_evaluations``: log-joint gradient evaluations made, particles included (for
+      ``method="svi"``: the Laplace stage's plus steps x particles).
     """
 
     losses: np.ndarray
@@ -115,6 +117,7 @@ class FitResult:
     optim: object = None
     init: object = None
     compiled: bool = False
+    num_evaluations: int = 0
 
     def __repr__(self):
         last = f", final loss {self.losses[-1]:.6g}" if len(self.losses) else ""
@@ -562,6 +565,8 @@ def fit(
     data=None,
     skip_nonfinite: int = 0,
     init="auto",
+    method: str = "svi",
+    method_options: dict | None = None,
     **kwargs,
 ) -> FitResult:
     """Fit ``guide`` to ``model`` by stochastic optimization of ``loss``; see the module doc.
@@ -606,10 +611,17 @@ def fit(
         (:func:`pyro_elbo.init.laplace_init`) when the guide is an autoguide it knows and the
         data are not minibatched, else skipped; ``"laplace"``: the same, or an error saying why
         not; ``None``: start from the guide as it is (e.g. to continue an earlier fit).
+    :param str method: ``"svi"`` (this stochastic-gradient loop), ``"bam"`` (Batch-and-Match) or
+        ``"pathfinder"`` (multi-path Pathfinder): see :mod:`pyro_elbo.vi.methods`.
+    :param dict method_options: settings of ``"bam"``/``"pathfinder"``.
     :returns: a :class:`FitResult`.
 
     A ``KeyboardInterrupt`` ends the run early: the state reached is checkpointed and returned.
     """
+    if method != "svi":  # the score-based methods (pyro_elbo/vi/)
+        from pyro_elbo.vi.methods import dispatch
+
+        return dispatch(method, model, guide, args, kwargs, locals())
     started = time.perf_counter()
     check_init(init)
     if not isinstance(compile, bool):
@@ -1007,7 +1019,13 @@ class _Run:
             optim=self.opt.optimizer,
             init=getattr(self, "stage", LaplaceStage()),
             compiled=bool(getattr(self, "compiled", False)),
+            num_evaluations=self._num_evaluations(),
         )
+
+    def _num_evaluations(self) -> int:
+        stage = getattr(self, "stage", None)
+        laplace = stage.result.num_evaluations if stage is not None and stage.result else 0
+        return laplace + self.step * int(getattr(self.objective, "num_particles", 1) or 1)
 
 
 def _callable_name(fn):

@@ -1,0 +1,184 @@
+"""``fit(model, guide, *args, method="bam" | "pathfinder")``: the two score-based methods behind
+``fit``'s interface.  Both run on the unconstrained log joint (:mod:`pyro_elbo.vi.target`),
+write their Gaussian into the guide and return a :class:`~pyro_elbo.fit.FitResult` whose
+``losses`` are ``-ELBO`` estimates per iteration and whose ``num_evaluations`` counts log-joint
+gradient evaluations.
+
+* ``"bam"`` (:mod:`pyro_elbo.vi.bam`): from ``N(u_0, init_scale^2 I)`` (``u_0`` the prior's
+  finite mean, unconstrained), batches of ``batch_size`` draws; full covariance for
+  ``AutoMultivariateNormal`` and ``AutoLowRankMultivariateNormal`` (the latter gets the
+  KL-closest rank-r Gaussian at the end), diagonal for ``AutoNormal``/``AutoDiagonalNormal``.
+  Stops when KL(q_{t+1} || q_t) < ``tol`` for ``patience`` iterations in a row.
+* ``"pathfinder"`` (:mod:`pyro_elbo.vi.multipath`): the chosen Gaussian of
+  :func:`~pyro_elbo.vi.multipath.pathfinder`; ``diagnostics`` holds k-hat and the paths.
+
+``method_options`` passes each method's settings (e.g. ``{"batch_size": 16}``,
+``{"num_paths": 8}``).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
+
+from pyro_elbo.vi import bam
+from pyro_elbo.vi.target import Target, check_guide, write_gaussian
+
+__all__ = ["METHODS", "dispatch", "fit_method"]
+
+METHODS = ("svi", "bam", "pathfinder")
+
+BAM_DEFAULTS = {"batch_size": 32, "tol": 1e-3, "patience": 3, "lr": None, "init_scale": 1.0}
+PATHFINDER_DEFAULTS = {"num_paths": 4, "num_draws": 1000, "draws_per_path": None,
+                       "max_iterations": 1000, "history_size": 6, "num_elbo_draws": 5}
+
+#: fit arguments that only the stochastic-gradient loop uses, with their defaults
+_SVI_ONLY = {"loss": None, "optim": None, "checkpoint": None, "compile": False, "data": None,
+             "init": "auto", "callbacks": ()}
+
+
+def _options(method, given, defaults):
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"fit(method={method!r}): unknown method_options {unknown}; known: "
+            f"{sorted(defaults)}"
+        )
+    return {**defaults, **given}
+
+
+def dispatch(method, model, guide, args, kwargs, settings):
+    """``fit``'s hook: check ``method`` and run it (``settings``: fit's ``locals()``)."""
+    if method not in METHODS:
+        raise ValueError(
+            f"fit: method must be one of {METHODS} ('svi': stochastic-gradient VI, any guide; "
+            f"'bam': Batch-and-Match; 'pathfinder': multi-path Pathfinder), got {method!r}"
+        )
+    return fit_method(method, model, guide, args, kwargs, settings=settings,
+                      method_options=settings.get("method_options"))
+
+
+def fit_method(method, model, guide, args, kwargs, *, settings, method_options=None):
+    """Run ``method`` for :func:`pyro_elbo.fit.fit` (``settings``: fit's other arguments)."""
+    from pyro_elbo.fit.loop import FitResult, NonFiniteError, _progress_bar, _show_progress
+
+    started = time.perf_counter()
+    for name, default in _SVI_ONLY.items():
+        value = settings.get(name, default)
+        if value is not default and value != default:
+            raise ValueError(
+                f"fit(method={method!r}) does not take {name}= (it belongs to the "
+                f"stochastic-gradient loop, method='svi'); remove it or use method='svi'."
+            )
+    seed = settings.get("seed")
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    if guide is None:
+        from pyro_elbo.init.defaults import recommended_guide
+
+        guide = recommended_guide(model, *args, **kwargs)
+    check_guide(method, guide)
+    show = _show_progress(settings.get("progress", "auto"))
+    generator = torch.Generator().manual_seed(
+        int(seed) if seed is not None else int(torch.randint(2**62, (1,)))
+    )
+    if method == "pathfinder":
+        from pyro_elbo.vi.multipath import _reason, _run
+
+        options = _options(method, method_options, PATHFINDER_DEFAULTS)
+        (approx, elbos), _, khat, paths, target = _run(model, guide, args, kwargs, seed, options)
+        return FitResult(
+            losses=np.asarray([-e for e in elbos], dtype=np.float64),
+            num_steps=len(elbos), converged=all(p.get("converged", False) for p in paths),
+            reason=_reason(paths, khat), seconds=time.perf_counter() - started,
+            diagnostics={"khat": khat, "paths": paths,
+                         "num_density_evaluations": target.num_density_evaluations},
+            guide=guide, num_evaluations=target.num_evaluations,
+        )
+    options = _options(method, method_options, BAM_DEFAULTS)
+    with poutine.block(), torch.no_grad():
+        guide(*args, **kwargs)
+    target = Target(model, args, kwargs, guide=guide, method="bam")
+    diagonal = isinstance(guide, (AutoNormal, AutoDiagonalNormal))
+    scale2 = torch.full((target.dim,), float(options["init_scale"]) ** 2, dtype=target.dtype)
+    state = bam.init(target.u0, scale2 if diagonal else torch.diag_embed(scale2), diagonal)
+    num_steps = settings.get("num_steps")
+    convergence = settings.get("convergence", "auto")
+    limit = int(num_steps if num_steps is not None else settings.get("max_steps", 10_000))
+    losses, infos, still = [], [], 0
+    converged, stop = False, None
+    bar = _progress_bar(show, limit, 0)
+    try:
+        while state.iteration < limit:
+            z, eps = bam.sample(state, options["batch_size"], generator)
+            log_p, scores = target.batch_log_density_and_grad(z)
+            new, info = bam.step(state, z, eps, log_p, scores, options["lr"])
+            losses.append(-info.elbo)
+            infos.append(info)
+            if new is None:
+                raise NonFiniteError(
+                    f"fit(method='bam'): non-finite values at iteration {state.iteration + 1}: "
+                    f"{info.num_finite} of {len(z)} draws had a finite log joint and score"
+                    + ("" if info.num_finite < 2 else ", and the update was not finite")
+                    + ". The Gaussian is left at the last finite iterate. What to try: a "
+                    "smaller init_scale or batch_size in method_options, a model whose log "
+                    "joint is finite on the whole unconstrained space, or method='pathfinder'.",
+                    step=state.iteration + 1, losses=losses,
+                )
+            state = new
+            if bar is not None and state.iteration % 10 == 0:
+                bar.update(state.iteration - bar.n)
+                bar.set_postfix_str(f"elbo {info.elbo:.5g} | KL step {info.kl_step:.2g}")
+            still = still + 1 if info.kl_step < options["tol"] else 0
+            if num_steps is None and convergence and still >= options["patience"]:
+                converged = True
+                break
+    except KeyboardInterrupt:
+        stop = f"interrupted (KeyboardInterrupt) after {state.iteration} iterations"
+        warnings.warn(f"fit: {stop}; returning the state reached", stacklevel=3)
+    except NonFiniteError:
+        _write_bam(guide, target, state)
+        raise
+    finally:
+        if bar is not None:
+            bar.update(state.iteration - bar.n)
+            bar.close()
+    _write_bam(guide, target, state)
+    last = infos[-1] if infos else None
+    if converged:
+        reason = (f"converged: KL(q_t+1 || q_t) < tol={options['tol']:g} for "
+                  f"{options['patience']} iterations in a row (iteration {state.iteration})")
+    elif stop is not None:
+        reason = stop
+    elif num_steps is not None:
+        reason = f"ran num_steps={num_steps} iterations (a fixed number; convergence not checked)"
+    else:
+        reason = (f"max_steps={limit} reached without convergence (last KL step "
+                  f"{last.kl_step if last else float('nan'):.3g} >= tol={options['tol']:g})")
+    diagnostics = {
+        "kl_step": [i.kl_step for i in infos],
+        "fisher": [i.fisher for i in infos],
+        "fisher_se": [i.fisher_se for i in infos],
+        "lr": [i.lr for i in infos],
+        "num_density_evaluations": target.num_density_evaluations,
+    }
+    return FitResult(
+        losses=np.asarray(losses, dtype=np.float64), num_steps=state.iteration,
+        converged=converged, reason=reason, seconds=time.perf_counter() - started,
+        diagnostics=diagnostics, guide=guide, num_evaluations=target.num_evaluations,
+    )
+
+
+def _write_bam(guide, target, state):
+    if state.diagonal:
+        write_gaussian(guide, target, state.mu, variance=state.cov)
+    else:
+        write_gaussian(guide, target, state.mu, torch.linalg.cholesky(state.cov))
+
