@@ -14,8 +14,9 @@ KL(q || p) < 0.01, and the KL at each method's own stop:
   0.01, else those plus 4 per step until the KL (checked after every step) is;
 * ``svi (no Laplace)``: ``fit(..., init=None)``: Adam(0.01) on the STL ELBO from the guide's own
   initialization, the stochastic-gradient VI the BaM and Pathfinder papers compare against;
-* ``bam``: ``fit(..., method="bam")`` (start: one Pathfinder path), KL checked after every
-  iteration; ``bam (paper start)``: ``method_options={"init": "prior"}``, from N(u0, I);
+* ``bam``: ``fit(..., method="bam")`` (start: the Laplace stage), KL checked after every
+  iteration (and at the start); ``bam (Pathfinder start)``: ``method_options={"init":
+  "pathfinder"}``; ``bam (paper start)``: ``{"init": "prior"}``, from N(u0, I);
 * ``pathfinder``: ``fit(..., method="pathfinder")`` (4 paths); its answer exists only at the
   end, so its count is the whole run's.
 
@@ -93,7 +94,7 @@ def _svi(oracle, post, init="auto", max_steps=10_000):
             "steps": result.num_steps, "converged": result.converged, "seconds": seconds}
 
 
-def _bam(oracle, post, init="pathfinder", max_iterations=2000):
+def _bam(oracle, post, init="laplace", max_iterations=2000):
     from pyro_elbo import fit
     from pyro_elbo.vi import bam
     from pyro_elbo.vi.methods import BAM_DEFAULTS, _bam_start
@@ -102,7 +103,8 @@ def _bam(oracle, post, init="pathfinder", max_iterations=2000):
     # the iterations by hand (the same functions fit runs), to see the KL after each
     target = Target(oracle.model, ())
     gen = torch.Generator().manual_seed(0)
-    state, _ = _bam_start(target, {**BAM_DEFAULTS, "init": init}, False, gen)
+    state, _ = _bam_start(target, {**BAM_DEFAULTS, "init": init}, False, gen,
+                          laplace=(oracle.model, None, (), {}))
     to_target = None
     for _ in range(max_iterations):
         q = torch.distributions.MultivariateNormal(state.mu, covariance_matrix=state.cov)
@@ -150,6 +152,7 @@ def part_a(dims) -> dict:
             "svi": _svi(oracle, post),
             "svi (no Laplace)": _svi(oracle, post, init=None),
             "bam": _bam(oracle, post),
+            "bam (Pathfinder start)": _bam(oracle, post, init="pathfinder"),
             "bam (paper start)": _bam(oracle, post, init="prior"),
             "pathfinder": _pathfinder(oracle, post),
         }
