@@ -283,3 +283,30 @@ def test_bam_nonfinite_batch_raises_naming_the_iteration():
         with pytest.raises(pyro_elbo.NonFiniteError, match="iteration 1: [01] of 32 draws"):
             fit(broken, AutoNormal(broken), method="bam", progress=False, seed=0,
                 method_options={"init": "prior", "init_scale": 1e4})
+
+
+def test_bam_on_a_funnel_ends_unconverged_at_the_averaged_iterates():
+    """The fixed point is never reached on a non-Gaussian posterior (the normalized step keeps
+    the noise of B draws): the run says so and returns the average of the last half."""
+    pyro.clear_param_store()
+    result = fit(funnel, AutoMultivariateNormal(funnel), method="bam", seed=0, progress=False,
+                 method_options={"max_iterations": 20, "batch_size": 8})
+    assert not result.converged
+    assert "average of the last 10 iterates" in result.reason
+    assert result.num_steps == 20 and len(result.losses) == 20
+    assert result.num_evaluations >= 20 * 8
+
+
+def test_bam_writes_a_low_rank_guide():
+    from pyro.infer.autoguide import AutoLowRankMultivariateNormal
+
+    pyro.clear_param_store()
+    guide = AutoLowRankMultivariateNormal(gaussian_model, rank=2)
+    result = fit(gaussian_model, guide, method="bam", seed=0, progress=False)
+    assert result.converged
+    q = pyro_elbo.posterior_of(guide)
+    torch.testing.assert_close(q.mean.double(), MEAN, rtol=1e-6, atol=1e-6)
+    # rank 2 + diagonal holds any 3 x 3 covariance: the KL-closest member is the target
+    assert float(torch.distributions.kl_divergence(
+        dist.MultivariateNormal(q.mean.double(), covariance_matrix=q.covariance_matrix.double()),
+        TARGET)) < 1e-6
