@@ -310,3 +310,24 @@ def test_bam_writes_a_low_rank_guide():
     assert float(torch.distributions.kl_divergence(
         dist.MultivariateNormal(q.mean.double(), covariance_matrix=q.covariance_matrix.double()),
         TARGET)) < 1e-6
+
+
+def test_default_method_takes_bam_when_it_converges_and_svi_when_not():
+    pyro.clear_param_store()
+    result = fit(gaussian_model, None, seed=0, progress=False)
+    assert result.reason.startswith("method='auto' chose BaM")
+    assert result.init.ran and _kl_to_target(result.guide) < 1e-10
+    pyro.clear_param_store()
+    result = fit(funnel, None, seed=0, progress=False, max_steps=100)
+    assert "BaM did not reach its fixed point in 30 iterations" in result.reason
+    assert result.diagnostics["bam"]["residual"]
+    bam_count = result.diagnostics["bam_evaluations"]
+    assert bam_count >= 30 * 32
+    assert result.num_evaluations == (
+        bam_count + result.init.result.num_evaluations + 4 * result.num_steps
+    )
+    # a guide, or any setting of the stochastic-gradient loop, keeps "svi"
+    pyro.clear_param_store()
+    result = fit(gaussian_model, AutoMultivariateNormal(gaussian_model), num_steps=3,
+                 progress=False)
+    assert result.num_steps == 3 and result.loss is not None

@@ -565,7 +565,7 @@ def fit(
     data=None,
     skip_nonfinite: int = 0,
     init="auto",
-    method: str = "svi",
+    method: str = "auto",
     method_options: dict | None = None,
     **kwargs,
 ) -> FitResult:
@@ -611,8 +611,10 @@ def fit(
         (:func:`pyro_elbo.init.laplace_init`) when the guide is an autoguide it knows and the
         data are not minibatched, else skipped; ``"laplace"``: the same, or an error saying why
         not; ``None``: start from the guide as it is (e.g. to continue an earlier fit).
-    :param str method: ``"svi"`` (this stochastic-gradient loop), ``"bam"`` (Batch-and-Match) or
-        ``"pathfinder"`` (multi-path Pathfinder): see :mod:`pyro_elbo.vi.methods`.
+    :param str method: ``"svi"`` (this stochastic-gradient loop), ``"bam"`` (Batch-and-Match),
+        ``"pathfinder"`` (multi-path Pathfinder) or ``"auto"`` (default: ``"svi"`` unless
+        ``guide=None`` and no setting of this loop is given; then BaM first, ``"svi"`` when
+        BaM's fixed-point test fails): see :mod:`pyro_elbo.vi.methods`.
     :param dict method_options: settings of ``"bam"``/``"pathfinder"``.
     :returns: a :class:`FitResult`.
 
