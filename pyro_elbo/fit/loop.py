@@ -620,7 +620,7 @@ def fit(
 
     A ``KeyboardInterrupt`` ends the run early: the state reached is checkpointed and returned.
     """
-    if method != "svi":  # the score-based methods (pyro_elbo/vi/)
+    if method != "svi" and not (method == "auto" and guide is not None):  # pyro_elbo/vi/
         from pyro_elbo.vi.methods import dispatch
 
         return dispatch(method, model, guide, args, kwargs, locals())
