@@ -154,13 +154,14 @@ def fit_method(method, model, guide, args, kwargs, *, settings, method_options=N
         int(seed) if seed is not None else int(torch.randint(2**62, (1,)))
     )
     if method == "pathfinder":
-        from pyro_elbo.vi.multipath import _reason, _run
+        from pyro_elbo.vi.multipath import _converged, _reason, _run
 
         options = _options(method, method_options, PATHFINDER_DEFAULTS)
-        (approx, elbos), _, khat, paths, target = _run(model, guide, args, kwargs, seed, options)
+        (approx, elbos), _, khat, paths, target = _run(model, guide, args, kwargs, seed, options,
+                                                       stacklevel=5)
         return FitResult(
             losses=np.asarray([-e for e in elbos], dtype=np.float64),
-            num_steps=len(elbos), converged=all(p.get("converged", False) for p in paths),
+            num_steps=len(elbos), converged=_converged(paths, khat),
             reason=_reason(paths, khat), seconds=time.perf_counter() - started,
             diagnostics={"khat": khat, "paths": paths,
                          "num_density_evaluations": target.num_density_evaluations},

@@ -170,12 +170,12 @@ def pathfinder(model, *args, num_paths: int = 4, num_draws: int = 1000, seed: in
         num_density_evaluations=target.num_density_evaluations,
         seconds=time.perf_counter() - started,
         losses=np.asarray([-p for p in best[1]], dtype=np.float64),
-        converged=all(p.get("converged", False) for p in paths),
+        converged=_converged(paths, khat),
         reason=_reason(paths, khat),
     )
 
 
-def _run(model, guide, args, kwargs, seed, options):
+def _run(model, guide, args, kwargs, seed, options, stacklevel=3):
     """Set up the guide and target, run the paths, write the chosen Gaussian, warn on k-hat;
     ``((best, best elbos), draws, khat, paths, target)``."""
     with poutine.block(), torch.no_grad():
@@ -191,13 +191,20 @@ def _run(model, guide, args, kwargs, seed, options):
             f"pathfinder: PSIS k-hat = {khat:.2f} > {KHAT_WARN}: no path's Gaussian is a good "
             "importance proposal (a funnel, a banana or heavy tails); the resampled draws are "
             "usable but biased. Reparameterize (e.g. non-centered), or use NUTS.",
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
     return (best.best, best.elbos), draws, khat, paths, target
+
+
+def _converged(paths, khat) -> bool:
+    """Every path stopped by an L-BFGS tolerance and the pooled k-hat is at most 0.7."""
+    return all(p.get("converged", False) for p in paths) and not khat > KHAT_WARN
 
 
 def _reason(paths, khat):
     done = [p for p in paths if "elbo" in p]
     stops = "; ".join(sorted({p["reason"] for p in done}))
+    verdict = "" if not khat > KHAT_WARN else (
+        f" > {KHAT_WARN}: the Gaussians are poor proposals, so not converged")
     return (f"{len(done)} path(s), L-BFGS stopped by: {stops}; chosen Gaussian's ELBO "
-            f"{max(p['elbo'] for p in done):.6g}; PSIS k-hat {khat:.2f}")
+            f"{max(p['elbo'] for p in done):.6g}; PSIS k-hat {khat:.2f}{verdict}")
