@@ -331,3 +331,30 @@ def test_default_method_takes_bam_when_it_converges_and_svi_when_not():
     result = fit(gaussian_model, AutoMultivariateNormal(gaussian_model), num_steps=3,
                  progress=False)
     assert result.num_steps == 3 and result.loss is not None
+
+
+def test_bam_checkpoint_resumes_bit_for_bit(tmp_path):
+    calls = []
+
+    def counted():
+        calls.append(1)
+        funnel()
+
+    def run(num_steps, path):
+        pyro.clear_param_store()
+        calls.clear()
+        guide = AutoMultivariateNormal(counted)
+        result = fit(counted, guide, method="bam", seed=0, progress=False, num_steps=num_steps,
+                     checkpoint=path, checkpoint_every=2, method_options={"batch_size": 8})
+        return result, guide.loc.detach().clone(), guide.scale.detach().clone(), len(calls)
+
+    whole, loc, scale, whole_calls = run(6, tmp_path / "a.pt")
+    run(3, tmp_path / "b.pt")
+    resumed, loc2, scale2, resumed_calls = run(6, tmp_path / "b.pt")
+    assert torch.equal(loc, loc2) and torch.equal(scale, scale2)
+    # it continued from iteration 3: no Laplace stage, 3 batches of 8 instead of 6
+    assert resumed_calls <= whole_calls - 3 * 8
+    assert resumed.num_evaluations == whole.num_evaluations
+    assert list(resumed.losses) == list(whole.losses)
+    with pytest.raises(ValueError, match="does not take checkpoint="):
+        fit(funnel, None, method="pathfinder", checkpoint=tmp_path / "c.pt", progress=False)

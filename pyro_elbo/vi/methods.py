@@ -20,12 +20,19 @@ gradient evaluations.
 * ``"pathfinder"`` (:mod:`pyro_elbo.vi.multipath`): the chosen Gaussian of
   :func:`~pyro_elbo.vi.multipath.pathfinder`; ``diagnostics`` holds k-hat and the paths.
 
+``"bam"`` shares ``fit``'s NaN guard (a batch without 2 finite draws raises
+:class:`~pyro_elbo.fit.NonFiniteError`), progress bar and checkpoints (``checkpoint=``,
+``checkpoint_every=``, ``resume=``: the state, the draws' generator, the counts and the average,
+written atomically; a resumed run continues bit for bit).  ``"pathfinder"`` runs no loop of its
+own worth a checkpoint and refuses ``checkpoint=``.
+
 ``method_options`` passes each method's settings (e.g. ``{"batch_size": 16}``,
 ``{"num_paths": 8}``).
 """
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 
@@ -135,6 +142,8 @@ def fit_method(method, model, guide, args, kwargs, *, settings, method_options=N
 
     started = time.perf_counter()
     for name, default in _SVI_ONLY.items():
+        if name == "checkpoint" and method == "bam":
+            continue  # BaM checkpoints its state (below)
         value = settings.get(name, default)
         if value is not default and value != default:
             raise ValueError(
@@ -172,8 +181,19 @@ def fit_method(method, model, guide, args, kwargs, *, settings, method_options=N
         guide(*args, **kwargs)
     target = Target(model, args, kwargs, guide=guide, method="bam")
     diagonal = isinstance(guide, (AutoNormal, AutoDiagonalNormal))
-    state, start_note, stage = _bam_start(target, options, diagonal, generator,
-                                          laplace=(model, guide, args, kwargs))
+    path = settings.get("checkpoint")
+    path = None if path is None else os.fspath(path)
+    every = int(settings.get("checkpoint_every", 500))
+    saved = None
+    if path is not None and settings.get("resume", True) and os.path.exists(path):
+        saved = _load_bam(path, target.dim, diagonal)
+        state = bam.BaMState(saved["mu"], saved["cov"], int(saved["iteration"]), diagonal)
+        generator.set_state(saved["generator"])
+        target.potential.num_gradients, target.potential.num_densities = saved["counts"]
+        start_note, stage = saved["init"], LaplaceStage(False, None, saved["init"])
+    else:
+        state, start_note, stage = _bam_start(target, options, diagonal, generator,
+                                              laplace=(model, guide, args, kwargs))
     num_steps = settings.get("num_steps")
     convergence = settings.get("convergence", "auto")
     if num_steps is not None:
@@ -182,6 +202,15 @@ def fit_method(method, model, guide, args, kwargs, *, settings, method_options=N
         limit = min(int(settings.get("max_steps", 10_000)), int(options["max_iterations"]))
     losses, infos, residuals, still = [], [], [], 0
     average = _Average(limit // 2) if num_steps is None else None
+    if saved is not None:
+        losses, residuals, still = list(saved["losses"]), list(saved["residuals"]), saved["still"]
+        infos = [bam.BaMInfo(*row) for row in saved["infos"]]
+        if average is not None and saved["average"] is not None:
+            average.count, average.mu, average.cov = saved["average"]
+
+    def save():
+        _save_bam(path, state, generator, target, start_note, losses, residuals, still, infos,
+                  average)
     converged, stop = False, None
     bar = _progress_bar(show, limit, 0)
     try:
@@ -215,6 +244,8 @@ def fit_method(method, model, guide, args, kwargs, *, settings, method_options=N
             if num_steps is None and convergence and still >= options["patience"]:
                 converged = True
                 break
+            if path is not None and state.iteration % every == 0:
+                save()
     except KeyboardInterrupt:
         stop = f"interrupted (KeyboardInterrupt) after {state.iteration} iterations"
         warnings.warn(f"fit: {stop}; returning the state reached", stacklevel=3)
@@ -225,6 +256,8 @@ def fit_method(method, model, guide, args, kwargs, *, settings, method_options=N
         if bar is not None:
             bar.update(state.iteration - bar.n)
             bar.close()
+    if path is not None:
+        save()  # the last iterate, before averaging: a longer resumed run continues exactly
     averaged = None
     if not converged and stop is None and average is not None and average.count:
         averaged = average.count
@@ -260,6 +293,37 @@ def fit_method(method, model, guide, args, kwargs, *, settings, method_options=N
         diagnostics=diagnostics, guide=guide, num_evaluations=target.num_evaluations,
         init=stage,
     )
+
+
+_FORMAT = "pyro_elbo.bam/1"
+
+
+def _save_bam(path, state, generator, target, note, losses, residuals, still, infos, average):
+    from pyro_elbo.fit import checkpoint as ckpt
+
+    ckpt.save_atomic({
+        "format": _FORMAT, "mu": state.mu, "cov": state.cov, "iteration": state.iteration,
+        "diagonal": state.diagonal, "generator": generator.get_state(),
+        "counts": [target.potential.num_gradients, target.potential.num_densities],
+        "init": note, "losses": list(losses), "residuals": list(residuals), "still": still,
+        "infos": [list(i) for i in infos],
+        "average": None if average is None or not average.count
+        else [average.count, average.mu, average.cov],
+    }, path)
+
+
+def _load_bam(path, dim, diagonal):
+    from pyro_elbo.fit import checkpoint as ckpt
+
+    saved = ckpt.load(path, format=_FORMAT)
+    if saved["mu"].numel() != dim or bool(saved["diagonal"]) != diagonal:
+        raise ckpt.CheckpointMismatchError(
+            f"the checkpoint {path!r} holds a BaM state of {saved['mu'].numel()} dimensions "
+            f"({'diagonal' if saved['diagonal'] else 'full'} covariance), but this model and "
+            f"guide have {dim} ({'diagonal' if diagonal else 'full'}); pass resume=False to "
+            "start over, or another checkpoint path."
+        )
+    return saved
 
 
 class _Average:
