@@ -40,7 +40,7 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
 
 from pyro_elbo.fit.initial import LaplaceStage
 from pyro_elbo.vi import bam
@@ -106,7 +106,9 @@ def _auto(model, guide, args, kwargs, settings):
     fixed-point test passes (near-Gaussian posteriors: 12-22x fewer evaluations than "svi" on
     the stress suite at the same accuracy) that is the answer, otherwise (a funnel, a mixture:
     BaM's score-matching answer was less accurate there) "svi" runs, from its own Laplace
-    stage, and the evaluations of both count.  Anything else is "svi"."""
+    stage, and the evaluations of both count.  Anything else is "svi", and so is a recommended
+    guide other than ``AutoMultivariateNormal`` (more than 200 dimensions, where a full
+    covariance update costs O(D^3), or latents in a subsampled plate)."""
     plain = all(
         settings.get(name, default) is default or settings.get(name, default) == default
         for name, default in _SVI_ONLY.items()
@@ -121,6 +123,8 @@ def _auto(model, guide, args, kwargs, settings):
         Target(model, args, kwargs, guide=guide, method="bam")  # applicable?
     except ValueError:
         return _svi(model, None, args, kwargs, settings)
+    if not isinstance(guide, AutoMultivariateNormal):  # D > 200 or subsampled: O(D^3) steps
+        return _svi(model, guide, args, kwargs, settings)
     first = fit_method("bam", model, guide, args, kwargs,
                        settings={**settings, "max_steps": AUTO_BAM_ITERATIONS})
     if first.converged:
