@@ -15,6 +15,7 @@ from pyro_elbo.objectives.cubo import CUBO
 from pyro_elbo.objectives.elbo import ELBO
 from pyro_elbo.objectives.inclusive_kl import InclusiveKL
 from pyro_elbo.objectives.iwelbo import IWELBO
+from pyro_elbo.vi import PathfinderResult, pathfinder
 
 __version__ = "0.1.0"
 
@@ -33,9 +34,11 @@ __all__ = [
     "evidence_bounds",
     "FitResult",
     "NonFiniteError",
+    "PathfinderResult",
     "fit",
     "gradient_variance",
     "loo",
+    "pathfinder",
     "posterior_of",
     "to_inference_data",
 ]

@@ -130,7 +130,7 @@ def test_the_stage_draws_no_random_numbers():
 
 def test_no_guide_takes_the_recommended_one_and_returns_it():
     oracle = linreg()
-    result = fit(oracle.model, None, seed=0, progress=False)
+    result = fit(oracle.model, None, seed=0, progress=False, method="svi")
     assert isinstance(result.guide, AutoMultivariateNormal)
     assert isinstance(result.optim, WhitenedAdam) and result.loss.estimator == "stl"
     assert result.converged and result.num_steps < 10_000

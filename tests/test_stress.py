@@ -65,7 +65,7 @@ def test_pyro_defaults_fail(oracle):
 def test_fit_default_pipeline_reaches_exact_posterior(oracle):
     """``fit`` with no guide, objective or optimizer: the recommended guide, the Laplace stage,
     WhitenedAdam and the STL ELBO, stopped by the convergence rule."""
-    result = fit(oracle.model, None, seed=0, progress=False)
+    result = fit(oracle.model, None, seed=0, progress=False, method="svi")
     assert isinstance(result.guide, AutoMultivariateNormal)
     assert result.init.ran and result.init.result.converged
     assert isinstance(result.optim, WhitenedAdam)

@@ -106,7 +106,9 @@ class FitResult:
     * ``init``: what the stage before step 1 did (a :class:`~pyro_elbo.fit.initial.LaplaceStage`:
       ``.ran``, ``.result``, ``.message``, ``.seconds``);
     * ``compiled``: whether the steps ran on the compiled fast path (true or false), and
-      ``compiled.reason``: which path and why (:class:`~pyro_elbo.fit.compiling.CompileStatus`).
+      ``compiled.reason``: which path and why (:class:`~pyro_elbo.fit.compiling.CompileStatus`);
+    * ``num_evaluations``: log-joint gradient evaluations made, particles included (for
+      ``method="svi"``: the Laplace stage's plus steps x particles).
     """
 
     losses: np.ndarray
@@ -123,6 +125,7 @@ class FitResult:
     optim: object = None
     init: object = None
     compiled: object = False
+    num_evaluations: int = 0
 
     def __repr__(self):
         last = f", final loss {self.losses[-1]:.6g}" if len(self.losses) else ""
@@ -547,6 +550,8 @@ def fit(
     data=None,
     skip_nonfinite: int = 0,
     init="auto",
+    method: str = "auto",
+    method_options: dict | None = None,
     **kwargs,
 ) -> FitResult:
     """Fit ``guide`` to ``model`` by stochastic optimization of ``loss``; see the module doc.
@@ -597,6 +602,11 @@ def fit(
         (:func:`pyro_elbo.init.laplace_init`) when the guide is an autoguide it knows and the
         data are not minibatched, else skipped; ``"laplace"``: the same, or an error saying why
         not; ``None``: start from the guide as it is (e.g. to continue an earlier fit).
+    :param str method: ``"svi"`` (this stochastic-gradient loop), ``"bam"`` (Batch-and-Match),
+        ``"pathfinder"`` (multi-path Pathfinder) or ``"auto"`` (default: ``"svi"`` unless
+        ``guide=None`` and no setting of this loop is given; then BaM first, ``"svi"`` when
+        BaM's fixed-point test fails): see :mod:`pyro_elbo.vi.methods`.
+    :param dict method_options: settings of ``"bam"``/``"pathfinder"``.
     :returns: a :class:`FitResult`.
 
     Ctrl-C (SIGINT) ends the run after the current step: that state is checkpointed and
@@ -604,6 +614,10 @@ def fit(
     a checkpoint, the path is checked and locked before step 1 (:mod:`.location`); a failed
     write later keeps the previous checkpoint and the result carries ``checkpoint_error``.
     """
+    if method != "svi" and not (method == "auto" and guide is not None):  # pyro_elbo/vi/
+        from pyro_elbo.vi.methods import dispatch
+
+        return dispatch(method, model, guide, args, kwargs, locals())
     started = time.perf_counter()
     check_init(init)
     if not (isinstance(compile, bool) or compile == "auto"):
@@ -1040,7 +1054,13 @@ class _Run:
             optim=self.opt.optimizer,
             init=getattr(self, "stage", LaplaceStage()),
             compiled=self.compiler.status if hasattr(self, "compiler") else CompileStatus(False, ""),
+            num_evaluations=self._num_evaluations(),
         )
+
+    def _num_evaluations(self) -> int:
+        stage = getattr(self, "stage", None)
+        laplace = stage.result.num_evaluations if stage is not None and stage.result else 0
+        return laplace + self.step * int(getattr(self.objective, "num_particles", 1) or 1)
 
 
 def _callable_name(fn):

@@ -72,6 +72,8 @@ from pyro.infer.autoguide import (
 from pyro.infer.autoguide.initialization import init_to_feasible
 from pyro.infer.mcmc.util import initialize_model
 
+from pyro_elbo.init.counting import CountingPotential, add_gradients, paused
+
 __all__ = [
     "LaplaceResult",
     "LaplaceUnavailable",
@@ -130,6 +132,9 @@ class LaplaceResult:
     :ivar message: what was done to the guide, or why not.
     :ivar potential: ``U`` as a function of the flat vector (for MCMC or diagnostics).
     :ivar transforms: ``{site: unconstrained -> constrained}``.
+    :ivar num_evaluations: log-joint gradient evaluations made (``D`` per Hessian), see
+        :mod:`pyro_elbo.init.counting`.
+    :ivar num_density_evaluations: log-joint evaluations without a gradient.
     """
 
     sites: tuple
@@ -152,6 +157,8 @@ class LaplaceResult:
     slices: dict = field(default_factory=dict)
     potential: object = None
     transforms: dict = field(default_factory=dict)
+    num_evaluations: int = 0
+    num_density_evaluations: int = 0
 
     @property
     def marginal_sd(self) -> torch.Tensor:
@@ -217,6 +224,7 @@ def laplace_init(
     potential, sites, transforms, u0 = flat_potential(
         model, *args, guide=guide, init_loc_fn=init_loc_fn, dtype=dtype, **kwargs
     )
+    potential = CountingPotential(potential)
     newton_every = 10 if u0.numel() <= max_hessian_dim else 0
     path = _lbfgs(potential, u0, max_iterations, tolerance, newton_every)
     u_star = path[-1]
@@ -269,6 +277,7 @@ def laplace_init(
         transforms=to_constrained,
     )
     result.guide_initialized, result.message = set_guide(guide, result, diagonal=diagonal)
+    result.num_evaluations, result.num_density_evaluations = potential.counts()
     return result
 
 
@@ -299,6 +308,7 @@ def _mode_only(guide, path, sites, transforms, potential, max_dim):
     )
     done, message = set_guide(guide, result, locations_only=True)
     result.guide_initialized = done
+    result.num_evaluations, result.num_density_evaluations = potential.counts()
     result.message = (
         f"{u_star.numel()} dimensions > max_hessian_dim={max_dim}: no Hessian; " + message
     )
@@ -566,10 +576,12 @@ def _grad(potential, u):
 
 
 def _hessian(potential, u):
-    try:  # one batched double-backward (vmap) when the model's ops allow it
-        hess = torch.autograd.functional.hessian(potential, u.detach(), vectorize=True)
-    except Exception:  # a D-pass loop otherwise
-        hess = torch.autograd.functional.hessian(potential, u.detach())
+    add_gradients(potential, u.numel())  # D Hessian-vector products
+    with paused(potential):
+        try:  # one batched double-backward (vmap) when the model's ops allow it
+            hess = torch.autograd.functional.hessian(potential, u.detach(), vectorize=True)
+        except Exception:  # a D-pass loop otherwise
+            hess = torch.autograd.functional.hessian(potential, u.detach())
     hess = 0.5 * (hess + hess.T)
     if not torch.isfinite(hess).all():
         raise LaplaceUnavailable("laplace_init: the Hessian of the log joint is not finite")
