@@ -13,7 +13,6 @@ __all__ = [
     "ModelGuideMismatchError",
     "check_traces",
     "explain_replay_failure",
-    "require_detachable_guide",
 ]
 
 
@@ -138,29 +137,3 @@ def explain_replay_failure(model, guide, args, kwargs, error: Exception):
         if _strip_ones(guide_shape) != _strip_ones(site["value"].shape):
             return _shape_error(name, guide_shape, site["value"].shape, cause=error)
     return None
-
-
-def require_detachable_guide(guide, guide_trace) -> None:
-    """Raise when the guide's parameters cannot be held constant in log q (STL / DReG).
-
-    The engine detaches ``pyro.param`` values and the ``nn.Parameter`` attributes of an
-    ``nn.Module`` guide.  Weights of a network registered with ``pyro.module`` inside a function
-    guide (or inside a module guide that does not own that network) are read by the network
-    directly, so they would silently stay live in log q.
-    """
-    owned = {id(p) for p in guide.parameters()} if isinstance(guide, torch.nn.Module) else set()
-    for name, site in guide_trace.nodes.items():
-        if site["type"] != "param" or "$$$" not in name:
-            continue
-        value = site["value"]
-        leaf = value.unconstrained() if hasattr(value, "unconstrained") else value
-        if id(leaf) in owned:
-            continue
-        raise NotImplementedError(
-            f"guide parameter {name!r} belongs to the network {name.split('$$$')[0]!r} "
-            "registered with pyro.module inside the guide; its weights cannot be held constant in "
-            "log q, so a path-derivative estimator (STL, DReG) would silently not be one. "
-            "Supported: pyro.param guides, autoguides, and nn.Module / PyroModule guides that own "
-            "their networks as submodules (e.g. pyro_elbo.guides.AmortizedNormal). Make the "
-            "network a submodule of an nn.Module guide, or use estimator='reparam'."
-        )

@@ -6,9 +6,10 @@ directly through ``phi``.  The direct part has expectation zero; STL drops it::
     grad_phi ELBO_STL = E_eps[ grad_z (log p(x, z) - log q_{stop(phi)}(z)) * dz/dphi ]
 
 so log q is evaluated with the guide's parameters held constant and the samples still
-differentiable.  The engine does this by replaying the guide with every parameter detached
-(``pyro.param`` values and plain ``nn.Parameter`` attributes), which keeps the Jacobian terms of
-constrained sites (AutoNormal's Delta sites) on the path.  At q = p(z | x) the integrand is
+differentiable.  The engine does this for any guide by subtracting the direct part, log q
+re-evaluated on the draws cut from the graph
+(:func:`pyro_elbo.engine.particles.log_q_with_constant_params`), which keeps the Jacobian terms
+of constrained sites (AutoNormal's Delta sites) on the path.  At q = p(z | x) the integrand is
 constant, so the estimator has zero variance.
 """
 

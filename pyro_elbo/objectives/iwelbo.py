@@ -240,10 +240,15 @@ def model_correction(particles: Particles, term: torch.Tensor) -> torch.Tensor |
     """A linear surrogate ``sum_theta <theta, grad_theta term>`` over the model's parameters.
 
     Its gradient is ``grad_theta term`` for the model's parameters and zero for everything else.
-    ``None`` when the model has no trainable parameters (or ``term`` has no graph).
+    The model's parameters are every trainable tensor log p reaches other than through the
+    guide's draws (:meth:`~pyro_elbo.engine.particles.Particles.model_leaves`): ``pyro.param``
+    sites, ``pyro.module`` / ``PyroModule`` weights and plain modules alike.  ``None`` when the
+    model has none (or ``term`` has no graph).
     """
-    leaves = list(particles.params()["model"].values())
-    if not leaves or not term.requires_grad:
+    if not term.requires_grad:
+        return None
+    leaves = particles.model_leaves()
+    if not leaves:
         return None
     grads = torch.autograd.grad(term, leaves, retain_graph=True, allow_unused=True)
     parts = [(leaf * g.detach()).sum() for leaf, g in zip(leaves, grads) if g is not None]
