@@ -38,6 +38,7 @@ from pyro.infer.autoguide import (
     AutoMultivariateNormal,
     AutoNormal,
 )
+from pyro.poutine.guide import GuideMessenger
 from pyro.poutine.util import prune_subsample_sites
 
 from pyro_elbo.engine.handlers import BetaScale, DetachSamples
@@ -53,6 +54,7 @@ __all__ = [
     "guess_plate_nesting",
     "log_q_with_constant_params",
     "run_particles",
+    "trace_pair",
 ]
 
 #: Name of the outer plate that vectorizes particles.
@@ -262,8 +264,7 @@ def _graph_leaves(roots, seen: set) -> list[torch.Tensor]:
 def guess_plate_nesting(model, guide, args, kwargs) -> int:
     """The deepest vectorized plate dim used by model or guide (one unvectorized run)."""
     with poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = _replay_model(model, guide_trace, (model, guide), args, kwargs)
+        model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
     dims = [
         frame.dim
         for trace in (guide_trace, model_trace)
@@ -354,10 +355,9 @@ def _trace_pair(model, guide, user, args, kwargs, detach_params, plate, validate
     if detach is not None:
         # outside poutine.trace, so the trace records the detached samples
         with detach:
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace, guide_trace = trace_pair(model, guide, args, kwargs, user)
     else:
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    model_trace = _replay_model(model, guide_trace, user, args, kwargs)
+        model_trace, guide_trace = trace_pair(model, guide, args, kwargs, user)
     if validate:
         check_traces(model_trace, guide_trace)
     full_guide_trace, guide_trace = guide_trace, prune_subsample_sites(guide_trace)
@@ -478,6 +478,27 @@ def _detach_auxiliary_sites(guide_trace):
 
 
 _LOG_PROB_KEYS = ("log_prob", "log_prob_sum", "unscaled_log_prob", "score_parts")
+
+
+def trace_pair(model, guide, args, kwargs, user=None):
+    """``(model_trace, guide_trace)``, unpruned, as Pyro's ``Trace_ELBO`` makes them: the guide
+    traced, then the model replayed on it; or, for an effect-based guide (Pyro's
+    ``AutoMessenger`` guides, any ``GuideMessenger``), the one run that interleaves both, split by
+    the guide's ``get_traces`` (the guide trace without the model's observed sites).
+
+    ``model`` and ``guide`` may be wrapped in handlers (the particle plate, ``beta``); ``user``
+    is the pair as the user passed it (for the messenger check and the error explanations).
+    A model that fails on the guide's draws because the shapes differ raises an error naming
+    the site.
+    """
+    user = (model, guide) if user is None else user
+    messenger = poutine.unwrap(user[1])
+    if isinstance(messenger, GuideMessenger):
+        guide(*args, **kwargs)
+        model_trace, guide_trace = messenger.get_traces()
+        return model_trace, guide_trace
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    return _replay_model(model, guide_trace, user, args, kwargs), guide_trace
 
 
 def _replay_model(model, guide_trace, user, args, kwargs):
