@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions import MaskedDistribution
 from pyro.distributions.util import detach as detach_distribution
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer.autoguide import (
@@ -39,7 +40,7 @@ from pyro.infer.autoguide import (
     AutoNormal,
 )
 from pyro.poutine.guide import GuideMessenger
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
 from pyro_elbo.engine.handlers import BetaScale, DetachSamples
 from pyro_elbo.engine.validation import (
@@ -53,6 +54,7 @@ __all__ = [
     "SiteTerms",
     "guess_plate_nesting",
     "log_q_with_constant_params",
+    "path_derivative_unavailable",
     "run_particles",
     "trace_pair",
 ]
@@ -71,7 +73,9 @@ class SiteTerms:
     * ``log_prob_unscaled``: masked, not scaled;
     * ``log_prob_detached``: (guide sites, when recorded) log q with the guide's parameters held
       constant, scaled and masked;
-    * ``score_function``: (guide sites without ``rsample``) the score-function part, else ``None``.
+    * ``score_function``: (guide sites without ``rsample``) the score-function part, else ``None``;
+    * ``carries_density``: False for a site whose log-density is 0 by construction (a
+      ``pyro.deterministic`` site, a site masked with ``False``).
     """
 
     def __init__(self, name, nodes, aligner, *, is_guide, detached_log_probs=None):
@@ -81,6 +85,7 @@ class SiteTerms:
         self.scale = first["scale"]
         self.is_observed = bool(first["is_observed"])
         self.is_auxiliary = bool(first["infer"].get("is_auxiliary", False))
+        self.carries_density = not _zero_density(first)
         self._nodes, self._align, self._is_guide = nodes, aligner, is_guide
         self._detached_log_probs = detached_log_probs
         self._cache = {}
@@ -495,10 +500,44 @@ def trace_pair(model, guide, args, kwargs, user=None):
     messenger = poutine.unwrap(user[1])
     if isinstance(messenger, GuideMessenger):
         guide(*args, **kwargs)
-        model_trace, guide_trace = messenger.get_traces()
-        return model_trace, guide_trace
+        model_trace, _ = messenger.get_traces()
+        return model_trace, _messenger_guide_trace(messenger)
     guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
     return _replay_model(model, guide_trace, user, args, kwargs), guide_trace
+
+
+def _messenger_guide_trace(messenger):
+    """The guide's part of an effect-based guide's trace: its sample sites that are not the
+    model's observed ones, subsample sites kept (a replay must reuse their indices)."""
+    trace = messenger.trace.copy()
+    for name, site in list(trace.nodes.items()):
+        if site["type"] != "sample" or (site["is_observed"] and not site_is_subsample(site)):
+            trace.remove_node(name)
+    return trace
+
+
+def path_derivative_unavailable(guide, args, kwargs) -> str | None:
+    """Why ``guide``'s log q cannot be evaluated with its parameters held constant (what STL and
+    DReG need), or ``None`` when it can.  One guide run, hidden from SVI, on a forked generator;
+    a guide that fails on its own gives ``None`` (the objective will say why)."""
+    messenger = poutine.unwrap(guide)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), poutine.block():
+        try:
+            if isinstance(messenger, GuideMessenger):
+                guide(*args, **kwargs)
+                full = _messenger_guide_trace(messenger)
+            else:
+                full = poutine.trace(guide).get_trace(*args, **kwargs)
+            pruned = prune_subsample_sites(full)
+            pruned.compute_score_parts()
+        except Exception:
+            return None
+        try:
+            log_q_with_constant_params(guide, full, pruned, guide, args, kwargs)
+        except NotImplementedError as error:
+            return str(error)
+    return None
 
 
 def _replay_model(model, guide_trace, user, args, kwargs):
@@ -533,6 +572,8 @@ class _Aligner:
     def _pad(self, name, t, ndim):
         if not isinstance(t, torch.Tensor):
             t = torch.as_tensor(t)
+        if t.dim() > ndim and all(size == 1 for size in t.shape[: t.dim() - ndim]):
+            t = t.reshape(t.shape[t.dim() - ndim :])  # a size-1 batch dim without a plate
         if t.dim() > ndim:
             raise ValueError(
                 f"site {name!r}: its log-density has shape {tuple(t.shape)}, with more batch dims "
@@ -542,6 +583,19 @@ class _Aligner:
         if t.dim() < ndim:
             t = t.reshape((1,) * (ndim - t.dim()) + t.shape)
         return t
+
+
+def _zero_density(node) -> bool:
+    """Whether a site's log-density is 0 by construction: a ``pyro.deterministic`` site, or one
+    masked with ``False`` (``poutine.mask(mask=False)``, ``fn.mask(False)``)."""
+    if node["infer"].get("_deterministic") or node["mask"] is False:
+        return True
+    fn = node["fn"]
+    while isinstance(fn, MaskedDistribution):
+        if fn._mask is False:
+            return True
+        fn = fn.base_dist
+    return False
 
 
 def _masked_unscaled(node, is_guide):

@@ -43,6 +43,10 @@ def check_traces(model_trace, guide_trace, *, allow_enumeration: bool = False) -
     model_sites = _sample_sites(model_trace)
     guide_sites = _sample_sites(guide_trace)
     for name, site in guide_sites.items():
+        if site["is_observed"] and (
+            site["infer"].get("is_auxiliary") or site["infer"].get("_deterministic")
+        ):
+            continue  # pyro.factor (part of log q, as in Trace_ELBO) or pyro.deterministic
         if site["is_observed"]:
             raise ModelGuideMismatchError(
                 f"guide site {name!r} is observed (obs=...) in the guide; a guide only samples "
@@ -119,21 +123,37 @@ def _shape_error(name, guide_shape, model_shape, cause=None):
 def explain_replay_failure(model, guide, args, kwargs, error: Exception):
     """Turn an exception raised while replaying the model into a site-naming error, if we can.
 
-    Runs guide and model once each, unvectorized and hidden from SVI, and compares the shape of
-    every latent site.  Returns an exception to raise, or ``None`` if no mismatch was found.
+    Runs the guide once, unvectorized and hidden from SVI, and replays the model on it (as the
+    objective does), recording the sites the model reached before it failed; a latent site whose
+    guide value does not have the shape of the *replayed* model's distribution there is the one
+    to blame.  Comparing like with like matters: a plate the guide subsamples is subsampled the
+    same way in the replayed model, so it is not blamed.  Returns an exception to raise, or
+    ``None`` if no mismatch was found (e.g. the model fails only under the particle plate).
     """
     import pyro.poutine as poutine
 
     try:
         with poutine.block():
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            prior_trace = poutine.trace(model).get_trace(*args, **kwargs)
-    except Exception:  # one of them fails on its own: let the original error speak
+    except Exception:  # the guide fails on its own: let the original error speak
         return None
-    for name, site in _sample_sites(prior_trace).items():
+    recorder = poutine.trace(poutine.replay(model, trace=guide_trace))
+    try:
+        with poutine.block():
+            recorder(*args, **kwargs)
+    except Exception:
+        pass  # the sites before the failure are recorded
+    replayed = recorder.msngr.trace
+    for name, site in _sample_sites(replayed).items():
         if site["is_observed"] or name not in guide_trace.nodes:
             continue
-        guide_shape = guide_trace.nodes[name]["value"].shape
-        if _strip_ones(guide_shape) != _strip_ones(site["value"].shape):
-            return _shape_error(name, guide_shape, site["value"].shape, cause=error)
+        guide_value = guide_trace.nodes[name]["value"]
+        try:
+            expected = site["fn"].shape()
+        except Exception:
+            continue
+        if isinstance(guide_value, torch.Tensor) and _strip_ones(guide_value.shape) != _strip_ones(
+            expected
+        ):
+            return _shape_error(name, guide_value.shape, expected, cause=error)
     return None

@@ -15,8 +15,18 @@ Delta ``log_density`` carries the Jacobian.  Pyro's ``TraceMeanField_ELBO`` inst
 ``kl_divergence(Delta, p) = -p.log_prob(v)``, which drops the Jacobian and is biased on
 constrained sites (see ``tests/test_elbo.py::test_pyro_trace_mean_field_is_biased``).
 
-The KL of a site is conditional on the other sampled values, so this is exact for mean-field
-guides and for guides whose conditionals follow the model's order.
+The KL of a site is conditional on the other sampled values, so it is unbiased when the guide
+draws every latent the model draws before the site before it too (mean-field guides in the model's
+order, and guides whose conditionals follow the model's order).  A site the guide draws *before*
+a latent that precedes it in the model keeps its Monte Carlo terms, with a one-line reason
+(:attr:`SiteKL` is not made for it; :func:`analytic_kl_terms` returns the reason).
+
+**Masks and scales** are applied as ``Trace.compute_log_prob`` applies them, on each side: the
+site's term in the ELBO is ``E_q[m_p log p - m_q log q] = -m_p KL(q || p) + (m_q - m_p) H(q)``
+(``m`` the product of the site's mask and any ``.mask()`` of its distribution, ``H`` the
+entropy), times the site's scale.  With equal masks this is ``-m KL``; where they differ (a model
+that masks a latent, as an ``obs_mask`` model does, with a guide that does not) the entropy term
+is added, and a guide distribution without a closed-form entropy keeps Monte Carlo.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from pyro.distributions import Delta
+from pyro.distributions import Delta, MaskedDistribution
 from pyro.distributions.util import scale_and_mask
 from torch.distributions import biject_to, kl_divergence
 from torch.distributions.transforms import ComposeTransform, IndependentTransform
@@ -50,9 +60,30 @@ def _is_identity(transform) -> bool:
 
 
 def _unwrap(fn):
-    while hasattr(fn, "base_dist") and type(fn).__name__ in ("MaskedDistribution",):
+    """``(distribution without its MaskedDistribution wrappers, their mask or None)``."""
+    mask = None
+    while isinstance(fn, MaskedDistribution):
+        mask = _and(mask, fn._mask)
         fn = fn.base_dist
-    return fn
+    return fn, mask
+
+
+def _and(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a & b
+
+
+def _mask_of(node):
+    fn, mask = _unwrap(node["fn"])
+    site_mask = node["mask"]
+    return fn, _and(None if site_mask is None else torch.as_tensor(site_mask), mask)
+
+
+def _as_float(mask, like):
+    return torch.ones((), dtype=like.dtype) if mask is None else torch.as_tensor(mask).to(like.dtype)
 
 
 def _site_kl(name, model_trace, guide_trace):
@@ -61,31 +92,82 @@ def _site_kl(name, model_trace, guide_trace):
     model_node = model_trace.nodes[name]
     if guide_node is None:
         return None
-    q, replaced = guide_node["fn"], (name,)
-    if isinstance(_unwrap(q), Delta):
+    q, q_mask = _mask_of(guide_node)
+    p, p_mask = _mask_of(model_node)
+    replaced = (name,)
+    if isinstance(q, Delta):
         aux = guide_trace.nodes.get(f"{name}_unconstrained")
         if aux is None or not aux["infer"].get("is_auxiliary"):
             return None
-        if not _is_identity(biject_to(model_node["fn"].support)):
+        if not _is_identity(biject_to(p.support)):
             return None  # constrained site: the Jacobian must stay, use Monte Carlo
-        q, replaced = aux["fn"], (name, aux["name"])
+        (q, q_mask), replaced = _mask_of(aux), (name, aux["name"])
     if not q.has_rsample:
         return None
     try:
-        kl = kl_divergence(q, model_node["fn"])
+        kl = kl_divergence(q, p)
     except NotImplementedError:
         return None
-    return replaced, scale_and_mask(kl, guide_node["scale"], guide_node["mask"])
+    if not _same_mask(q_mask, p_mask):
+        try:
+            entropy = q.entropy()
+        except NotImplementedError:
+            return None
+        m_p, m_q = _as_float(p_mask, kl), _as_float(q_mask, kl)
+        kl = m_p * kl + (m_p - m_q) * entropy  # -(ELBO term): m_p KL - (m_q - m_p) H
+        return replaced, scale_and_mask(kl, guide_node["scale"], None)
+    return replaced, scale_and_mask(kl, guide_node["scale"], q_mask)
 
 
-def analytic_kl_terms(particles: Particles) -> list[SiteKL]:
-    """Closed-form KL terms for every latent site where one is valid (others are omitted)."""
+def _same_mask(a, b) -> bool:
+    if a is None or b is None:
+        return (a is None or bool(torch.as_tensor(a).all())) and (
+            b is None or bool(torch.as_tensor(b).all())
+        )
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    try:
+        return bool((a == b).all())
+    except RuntimeError:  # shapes that do not broadcast
+        return False
+
+
+def _out_of_order(name, model_trace, guide_trace) -> str | None:
+    """Why the conditional KL of ``name`` would be biased, or ``None``: the guide draws ``name``
+    before a latent that comes before it in the model (so may draw that latent given ``name``,
+    and p(name | ...) is then evaluated at a value that depends on ``name``)."""
+    guide_order = {n: i for i, n in enumerate(guide_trace.nodes)}
+    position = guide_order[name]
+    for other, node in model_trace.nodes.items():
+        if other == name:
+            return None
+        if node["type"] != "sample" or node["is_observed"]:
+            continue
+        if guide_order.get(other, -1) > position:
+            return (
+                f"the guide draws {name!r} before {other!r}, which the model draws first, so "
+                f"the KL of {name!r} given the other draws would be biased (a non-mean-field "
+                "guide in another order than the model's)"
+            )
+    return None
+
+
+def analytic_kl_terms(particles: Particles, fallbacks: dict | None = None) -> list[SiteKL]:
+    """Closed-form KL terms for every latent site where one is valid (others are omitted).
+
+    ``fallbacks``, when given, receives ``{site: reason}`` for sites that have a closed-form KL
+    but keep Monte Carlo because it would be biased.
+    """
     terms = []
     for name in particles.latent_sites:
         per_trace = [
             _site_kl(name, mt, gt) for mt, gt in zip(particles.model_traces, particles.guide_traces)
         ]
         if any(r is None for r in per_trace):
+            continue
+        reason = _out_of_order(name, particles.model_traces[0], particles.guide_traces[0])
+        if reason is not None:
+            if fallbacks is not None:
+                fallbacks[name] = reason
             continue
         replaced = per_trace[0][0]
         if any(not particles.guide_sites[r].reparameterized for r in replaced):

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import torch
 
@@ -84,6 +85,7 @@ class ELBO(ParticleObjective):
         self.baseline = baseline
         self.analytic_kl = bool(analytic_kl)
         self.beta = float(beta)
+        self._kl_warned: set[str] = set()
 
     def _engine_options(self, need_surrogate):
         return {
@@ -93,7 +95,18 @@ class ELBO(ParticleObjective):
         }
 
     def _loss_and_surrogate(self, particles: Particles, need_surrogate: bool):
-        kl_terms = analytic_kl_terms(particles) if self.analytic_kl else []
+        kl_terms = []
+        if self.analytic_kl:
+            fallbacks = {}
+            kl_terms = analytic_kl_terms(particles, fallbacks)
+            for name, reason in fallbacks.items():
+                if name not in self._kl_warned:
+                    self._kl_warned.add(name)
+                    warnings.warn(
+                        f"ELBO(analytic_kl=True): site {name!r} keeps its Monte Carlo KL: "
+                        f"{reason}.",
+                        stacklevel=2,
+                    )
         if kl_terms:
             replaced = {name for t in kl_terms for name in (t.name, *t.replaces_guide_sites)}
             kl = sum(particles.per_particle(t.kl) for t in kl_terms)

@@ -106,7 +106,13 @@ def importance_weights(particles: Particles, objective: str) -> ImportanceWeight
     Raises ``ValueError`` when no unbiased importance-weighted estimate exists (a subsampled plate
     that some site lives outside of) or when sites carry different scales.
     """
-    sites = {**particles.model_sites, **particles.guide_sites}
+    # the sites that carry density decide the plates the bound is per element of: a
+    # pyro.deterministic site outside the data plate adds nothing to any weight
+    sites = {
+        n: s
+        for n, s in {**particles.model_sites, **particles.guide_sites}.items()
+        if s.carries_density
+    }
     shared = None
     for site in sites.values():
         vectorized = {f for f in site.frames if f.vectorized}
@@ -132,11 +138,15 @@ def importance_weights(particles: Particles, objective: str) -> ImportanceWeight
     frames = tuple(sorted(shared, key=lambda f: f.dim))
     return ImportanceWeights(
         particles=particles,
-        log_p=_group(particles, particles.model_sites.values(), "log_prob_unscaled", frames),
-        log_q=_group(particles, particles.guide_sites.values(), "log_prob_unscaled", frames),
+        log_p=_group(particles, _dense(particles.model_sites), "log_prob_unscaled", frames),
+        log_q=_group(particles, _dense(particles.guide_sites), "log_prob_unscaled", frames),
         scale=scale,
         frames=frames,
     )
+
+
+def _dense(sites) -> list:
+    return [s for s in sites.values() if s.carries_density]
 
 
 def _is_subsampled(frame) -> bool:
@@ -324,7 +334,7 @@ class IWELBO(ParticleObjective):
             "sites.",
         )
         log_q_stop = weights.group(
-            particles.guide_sites.values(), "log_prob_detached", rescale=True
+            _dense(particles.guide_sites), "log_prob_detached", rescale=True
         )
         path = weights.log_p - log_q_stop
         if self.estimator == "stl":
