@@ -33,9 +33,13 @@ class ParamIndex:
             value = site["value"]
             unconstrained = getattr(value, "unconstrained", None)
             leaf = unconstrained() if unconstrained is not None else value
-            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
-                constraint = site["kwargs"].get("constraint", constraints.real)
-                self._local[name] = (leaf, constraint)
+            if not isinstance(leaf, torch.Tensor) or not leaf.requires_grad:
+                continue
+            held = getattr(self._store, "_param_to_name", {})
+            if leaf in held or any(leaf is known for known, _ in self._local.values()):
+                continue  # the same tensor under another name (e.g. pyro.module's)
+            constraint = site["kwargs"].get("constraint", constraints.real)
+            self._local[name] = (leaf, constraint)
 
     def __contains__(self, name) -> bool:
         return name in self._store or name in self._local
