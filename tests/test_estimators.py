@@ -230,11 +230,21 @@ def test_reparam_with_one_particle_matches_trace_elbo_on_a_non_reparameterized_s
         assert torch.allclose(ours, pyros, rtol=1e-10, atol=1e-14)
 
 
-def test_stl_rejects_a_non_reparameterized_site():
+def test_stl_gives_a_non_reparameterized_site_its_score_function_term():
+    """As Trace_ELBO does: a site without rsample has no path derivative, so STL's gradient for
+    it is the score-function one, the same as estimator='reparam' on the same draws."""
     oracle = normal_normal()
     guide = NormalGuide(1, 0.3, 0.7, reparameterized=False)
-    with pytest.raises(ValueError, match="guide site 'loc' has no rsample"):
-        ELBO(2, estimator="stl").differentiable_loss(replicate(oracle.model, 1), guide)
+    model = replicate(oracle.model, 1)
+    grads = []
+    for objective in (ELBO(2, estimator="stl"), ELBO(2)):
+        objective.loss(model, guide)
+        pyro.set_rng_seed(6)
+        loss = objective.differentiable_loss(model, guide)
+        grads.append(torch.autograd.grad(loss, list(store_leaves().values())))
+    for stl, reparam in zip(*grads):
+        assert reparam.abs().max() > 1e-3
+        assert torch.allclose(stl, reparam, rtol=1e-12, atol=1e-14)
 
 
 def test_closed_form_elbo_reference():

@@ -208,6 +208,14 @@ GUIDES = {
     "lambda AutoMVN": lambda: _mvn(lambda g: lambda *a, **k: g(*a, **k)),
     "blocked AutoMVN": _blocked,
     "AutoGuideList": _guide_list,
+    "AutoStructured": lambda: (
+        ag.AutoStructured(
+            model, conditionals={"z": "mvn", "w": "normal"}, dependencies={"w": {"z": "linear"}}
+        ),
+        [],
+        None,
+    ),
+    "AutoGaussian": lambda: (ag.AutoGaussian(model), [], None),
     "AutoIAFNormal": lambda: (ag.AutoIAFNormal(model, hidden_dim=[4]), [], None),
     "AutoNormalizingFlow": lambda: (
         ag.AutoNormalizingFlow(model, partial(T.iterated, 2, T.affine_autoregressive)),

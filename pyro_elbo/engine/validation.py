@@ -6,6 +6,8 @@ depend on the structure raises instead, with a message that names the site and s
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from pyro.poutine.util import site_is_subsample
 
@@ -68,10 +70,11 @@ def check_traces(model_trace, guide_trace, *, allow_enumeration: bool = False) -
                 "site, or mark it infer={'is_auxiliary': True} if it is a helper variable."
             )
         if not allow_enumeration and site["infer"].get("enumerate"):
-            raise NotImplementedError(
-                f"guide site {name!r} is enumerated (infer={{'enumerate': ...}}); this objective "
-                "draws Monte Carlo particles. Use pyro.infer.TraceEnum_ELBO for enumeration, or "
-                "remove the enumerate flag to sample the site."
+            warnings.warn(  # as Trace_ELBO does (pyro.util.check_if_enumerated); it samples it
+                f"Found sample sites configured for enumeration: {name}. If you want to "
+                "enumerate sites, you need to use TraceEnum_ELBO instead. This objective draws "
+                "the site as a Monte Carlo sample.",
+                stacklevel=5,
             )
     for name, site in model_sites.items():
         if site["is_observed"]:

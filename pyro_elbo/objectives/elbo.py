@@ -118,7 +118,7 @@ class ELBO(ParticleObjective):
         if not need_surrogate:
             return loss, None
         if self.estimator == "stl":
-            surrogate = stl_surrogate(particles)
+            surrogate = stl_surrogate(particles, self.baseline)
         elif self.estimator == "score":
             scores = {n: s.log_prob_unscaled for n, s in particles.guide_sites.items()}
             surrogate = particles.log_p() + score_function_surrogate(

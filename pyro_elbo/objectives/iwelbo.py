@@ -5,7 +5,9 @@ With K particles ``z_k ~ q(z)`` and log weights ``log w_k = log p(x, z_k) - log 
 
     IW-ELBO_K = E[ log (1/K) sum_k w_k ],    ELBO = IW-ELBO_1 <= IW-ELBO_K <= log p(x).
 
-``loss`` is minus this bound.
+``loss`` is minus this bound.  With K = 1 it is the ELBO, term for term (every site keeps its
+own scale, so subsampled plates with global latents and per-site ``poutine.scale`` work as in
+Trace_ELBO), and so is its gradient.
 
 **Per element of a data plate.**  When every site of model and guide lives in a plate (all latents
 are local to it, as in a VAE), the log weights factorize over its elements ``i`` and the bound is
@@ -314,6 +316,8 @@ class IWELBO(ParticleObjective):
         return f"IWELBO(estimator={self.estimator!r})"
 
     def _loss_and_surrogate(self, particles: Particles, need_surrogate: bool):
+        if particles.num_particles == 1:
+            return self._one_particle(particles, need_surrogate)
         weights = importance_weights(particles, self._name())
         log_w = weights.log_w
         loss = -weights.scale * log_mean_exp(log_w, 0).sum()
@@ -344,6 +348,26 @@ class IWELBO(ParticleObjective):
         if correction is not None:
             surrogate = surrogate + correction
         return loss, -weights.scale * surrogate
+
+    def _one_particle(self, particles: Particles, need_surrogate: bool):
+        """K = 1: the bound is the ELBO, ``log w`` is linear in the sites' terms, so every
+        site keeps its own scale and mask (subsampling, ``poutine.scale``) as in Trace_ELBO;
+        IWAE's gradient is the pathwise one (score terms Rao-Blackwellized over plates), DReG's
+        and STL's are STL's."""
+        from pyro_elbo.estimators.reparam import reparam_surrogate
+
+        log_w = particles.log_p() - particles.log_q()
+        loss = -log_w.sum()
+        if not need_surrogate:
+            return loss, None
+        if self.estimator == "reparam":
+            return loss, -reparam_surrogate(particles, "none").sum()
+        require_reparameterized(
+            particles,
+            self._name(),
+            "Use IWELBO(estimator='reparam'), which adds score-function terms for such sites.",
+        )
+        return loss, -(particles.log_p() - particles.log_q(detached_params=True)).sum()
 
     def __repr__(self):
         return f"IWELBO(num_particles={self.num_particles}, estimator={self.estimator!r})"
