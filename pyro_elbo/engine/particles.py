@@ -315,7 +315,9 @@ def run_particles(
     if vectorize:
         plate = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(plate_nesting + 1))
     pairs = [
-        _trace_pair(model, guide, user, args, kwargs, detach_params, plate, validate, detach)
+        _trace_pair(
+            model, guide, user, args, kwargs, detach_params, plate, validate, detach, plate_nesting
+        )
         for _ in range(1 if vectorize else num_particles)
     ]
     model_traces = [p[0] for p in pairs]
@@ -353,7 +355,9 @@ def run_particles(
     )
 
 
-def _trace_pair(model, guide, user, args, kwargs, detach_params, plate, validate, detach):
+def _trace_pair(
+    model, guide, user, args, kwargs, detach_params, plate, validate, detach, plate_nesting
+):
     user_model, user_guide = user
     if plate is not None:
         model, guide = plate(model), plate(guide)
@@ -364,7 +368,8 @@ def _trace_pair(model, guide, user, args, kwargs, detach_params, plate, validate
     else:
         model_trace, guide_trace = trace_pair(model, guide, args, kwargs, user)
     if validate:
-        check_traces(model_trace, guide_trace)
+        nesting = plate_nesting + (1 if plate is not None else 0)
+        check_traces(model_trace, guide_trace, max_plate_nesting=nesting)
     full_guide_trace, guide_trace = guide_trace, prune_subsample_sites(guide_trace)
     # the live log q first: the replay below must not leave its values in a transform's cache
     guide_trace.compute_score_parts()
@@ -576,7 +581,7 @@ class _Aligner:
             t = t.reshape(t.shape[t.dim() - ndim :])  # a size-1 batch dim without a plate
         if t.dim() > ndim:
             raise ValueError(
-                f"site {name!r}: its log-density has shape {tuple(t.shape)}, with more batch dims "
+                f"site {name!r}: invalid log_prob shape {tuple(t.shape)}, with more batch dims "
                 f"than the {self.P} plate dim(s) of the model. Declare every batch dim with a "
                 "pyro.plate (or .to_event() for event dims), or pass max_plate_nesting."
             )

@@ -6,10 +6,13 @@ depend on the structure raises instead, with a message that names the site and s
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import site_is_subsample
+from pyro.util import check_model_guide_match
 
 __all__ = [
     "ModelGuideMismatchError",
@@ -37,11 +40,33 @@ def _strip_ones(shape):
     return shape
 
 
-def check_traces(model_trace, guide_trace, *, allow_enumeration: bool = False) -> None:
+def check_traces(
+    model_trace, guide_trace, *, allow_enumeration: bool = False, max_plate_nesting=math.inf
+) -> None:
     """Raise :class:`ModelGuideMismatchError` (or ``NotImplementedError``) on a bad pair.
 
-    Call it on the raw (unpruned) traces, before log densities are computed.
+    First Pyro's own rules, as ``Trace_ELBO`` applies them when validation is on
+    (``pyro.util.check_model_guide_match``: the same warnings, and its errors as
+    :class:`ModelGuideMismatchError`), then ours, which refuse what Pyro only warns about where
+    the estimate would be silently wrong.  Call it on the raw (unpruned) traces, before log
+    densities are computed.
     """
+    if is_validation_enabled():
+        try:
+            check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
+        except ValueError as error:
+            try:
+                _check_traces(model_trace, guide_trace, allow_enumeration)
+            except ModelGuideMismatchError as ours:  # Pyro's words, then ours (what to do)
+                raise ModelGuideMismatchError(f"{error}. {ours}") from error
+            raise ModelGuideMismatchError(
+                f"{error}. Make the guide's distribution at that site match the model's (the "
+                "same shape, .to_event() for event dims, the same pyro.plate for batch dims)."
+            ) from error
+    _check_traces(model_trace, guide_trace, allow_enumeration)
+
+
+def _check_traces(model_trace, guide_trace, allow_enumeration):
     model_sites = _sample_sites(model_trace)
     guide_sites = _sample_sites(guide_trace)
     for name, site in guide_sites.items():

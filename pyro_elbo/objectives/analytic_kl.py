@@ -18,8 +18,9 @@ constrained sites (see ``tests/test_elbo.py::test_pyro_trace_mean_field_is_biase
 The KL of a site is conditional on the other sampled values, so it is unbiased when the guide
 draws every latent the model draws before the site before it too (mean-field guides in the model's
 order, and guides whose conditionals follow the model's order).  A site the guide draws *before*
-a latent that precedes it in the model keeps its Monte Carlo terms, with a one-line reason
-(:attr:`SiteKL` is not made for it; :func:`analytic_kl_terms` returns the reason).
+a latent that precedes it in the model, and on which the guide's distribution of that latent
+depends (:func:`guide_depends_on`: one replay with the site's value moved), keeps its Monte
+Carlo terms, with a one-line warning; a mean-field guide in another order keeps the closed form.
 
 **Masks and scales** are applied as ``Trace.compute_log_prob`` applies them, on each side: the
 site's term in the ELBO is ``E_q[m_p log p - m_q log q] = -m_p KL(q || p) + (m_q - m_p) H(q)``
@@ -41,7 +42,7 @@ from torch.distributions.transforms import ComposeTransform, IndependentTransfor
 
 from pyro_elbo.engine.particles import Particles
 
-__all__ = ["SiteKL", "analytic_kl_terms"]
+__all__ = ["SiteKL", "analytic_kl_terms", "guide_depends_on"]
 
 
 @dataclass
@@ -131,31 +132,56 @@ def _same_mask(a, b) -> bool:
         return False
 
 
-def _out_of_order(name, model_trace, guide_trace) -> str | None:
-    """Why the conditional KL of ``name`` would be biased, or ``None``: the guide draws ``name``
-    before a latent that comes before it in the model (so may draw that latent given ``name``,
-    and p(name | ...) is then evaluated at a value that depends on ``name``)."""
+def _drawn_later(name, model_trace, guide_trace) -> list[str]:
+    """The latents the model draws before ``name`` that the guide draws after it."""
     guide_order = {n: i for i, n in enumerate(guide_trace.nodes)}
     position = guide_order[name]
+    later = []
     for other, node in model_trace.nodes.items():
         if other == name:
-            return None
+            break
         if node["type"] != "sample" or node["is_observed"]:
             continue
         if guide_order.get(other, -1) > position:
-            return (
-                f"the guide draws {name!r} before {other!r}, which the model draws first, so "
-                f"the KL of {name!r} given the other draws would be biased (a non-mean-field "
-                "guide in another order than the model's)"
-            )
-    return None
+            later.append(other)
+    return later
 
 
-def analytic_kl_terms(particles: Particles, fallbacks: dict | None = None) -> list[SiteKL]:
+def guide_depends_on(guide, args, kwargs, name, others) -> bool:
+    """Whether the guide's distribution at any site of ``others`` changes when the value drawn
+    at ``name`` does: one guide run and one replay with that value moved (in unconstrained
+    space), hidden from SVI, on a forked generator.  True when it cannot tell."""
+    import pyro.poutine as poutine
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices), poutine.block(), torch.no_grad():
+            trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            node = trace.nodes[name]
+            transform = biject_to(node["fn"].support)
+            moved = trace.copy()
+            moved.nodes[name] = {**node, "value": transform(transform.inv(node["value"]) + 0.5)}
+            replayed = poutine.trace(poutine.replay(guide, trace=moved)).get_trace(*args, **kwargs)
+            for other in others:
+                value = trace.nodes[other]["value"]
+                before = trace.nodes[other]["fn"].log_prob(value)
+                after = replayed.nodes[other]["fn"].log_prob(value)
+                if before.shape != after.shape or not torch.allclose(before, after, equal_nan=True):
+                    return True
+    except Exception:  # noqa: BLE001 - cannot tell: assume it does
+        return True
+    return False
+
+
+def analytic_kl_terms(
+    particles: Particles, fallbacks: dict | None = None, depends=None
+) -> list[SiteKL]:
     """Closed-form KL terms for every latent site where one is valid (others are omitted).
 
-    ``fallbacks``, when given, receives ``{site: reason}`` for sites that have a closed-form KL
-    but keep Monte Carlo because it would be biased.
+    A site the guide draws before latents that the model draws first keeps Monte Carlo when the
+    guide's distribution at those latents depends on it: ``depends(site, others) -> bool``
+    (e.g. :func:`guide_depends_on`; without it, always assumed).  ``fallbacks``, when given,
+    receives ``{site: reason}`` for them.
     """
     terms = []
     for name in particles.latent_sites:
@@ -164,10 +190,15 @@ def analytic_kl_terms(particles: Particles, fallbacks: dict | None = None) -> li
         ]
         if any(r is None for r in per_trace):
             continue
-        reason = _out_of_order(name, particles.model_traces[0], particles.guide_traces[0])
-        if reason is not None:
+        later = _drawn_later(name, particles.model_traces[0], particles.guide_traces[0])
+        if later and (depends is None or depends(name, later)):
             if fallbacks is not None:
-                fallbacks[name] = reason
+                fallbacks[name] = (
+                    f"the guide draws {name!r} before {later[0]!r} (which the model draws first) "
+                    f"and draws {later[0]!r} given it, so the KL of {name!r} given the other "
+                    "draws would be biased (a non-mean-field guide in another order than the "
+                    "model's)"
+                )
             continue
         replaced = per_trace[0][0]
         if any(not particles.guide_sites[r].reparameterized for r in replaced):

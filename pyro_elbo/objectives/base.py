@@ -112,6 +112,7 @@ class ParticleObjective(pyro.infer.ELBO):
         return particles.model_traces[0], particles.guide_traces[0]
 
     def _compute(self, model, guide, args, kwargs, need_surrogate: bool):
+        self._call = (model, guide, args, kwargs)  # for objectives that must run the pair again
         options = self._engine_options(need_surrogate)
         pair = (id(model), id(guide))
         if pair in self._sequential_pairs or pair in self._vectorized_pairs:

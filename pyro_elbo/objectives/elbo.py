@@ -25,7 +25,7 @@ from pyro_elbo.engine.particles import Particles
 from pyro_elbo.estimators.reparam import reparam_surrogate
 from pyro_elbo.estimators.score import score_function_surrogate
 from pyro_elbo.estimators.stl import stl_surrogate
-from pyro_elbo.objectives.analytic_kl import analytic_kl_terms
+from pyro_elbo.objectives.analytic_kl import analytic_kl_terms, guide_depends_on
 from pyro_elbo.objectives.base import ParticleObjective
 
 __all__ = ["ELBO"]
@@ -86,6 +86,7 @@ class ELBO(ParticleObjective):
         self.analytic_kl = bool(analytic_kl)
         self.beta = float(beta)
         self._kl_warned: set[str] = set()
+        self._kl_depends: dict = {}
 
     def _engine_options(self, need_surrogate):
         return {
@@ -98,7 +99,7 @@ class ELBO(ParticleObjective):
         kl_terms = []
         if self.analytic_kl:
             fallbacks = {}
-            kl_terms = analytic_kl_terms(particles, fallbacks)
+            kl_terms = analytic_kl_terms(particles, fallbacks, self._guide_depends)
             for name, reason in fallbacks.items():
                 if name not in self._kl_warned:
                     self._kl_warned.add(name)
@@ -131,6 +132,14 @@ class ELBO(ParticleObjective):
             if kl_terms:
                 surrogate = surrogate - kl
         return loss, -surrogate.mean()
+
+    def _guide_depends(self, name, others) -> bool:
+        """Whether the guide being run draws ``others`` given ``name`` (cached per guide)."""
+        model, guide, args, kwargs = self._call
+        key = (id(guide), name, tuple(others))
+        if key not in self._kl_depends:
+            self._kl_depends[key] = guide_depends_on(guide, args, kwargs, name, others)
+        return self._kl_depends[key]
 
     @staticmethod
     def _elbo_skipping(particles: Particles, skip) -> torch.Tensor:

@@ -361,7 +361,7 @@ class IWELBO(ParticleObjective):
         if not need_surrogate:
             return loss, None
         if self.estimator == "reparam":
-            return loss, -reparam_surrogate(particles, "none").sum()
+            return loss, -(reparam_surrogate(particles, "none") + log_w.new_zeros(1)).sum()
         require_reparameterized(
             particles,
             self._name(),
