@@ -41,7 +41,12 @@ def _strip_ones(shape):
 
 
 def check_traces(
-    model_trace, guide_trace, *, allow_enumeration: bool = False, max_plate_nesting=math.inf
+    model_trace,
+    guide_trace,
+    *,
+    allow_enumeration: bool = False,
+    max_plate_nesting=math.inf,
+    strict: bool = False,
 ) -> None:
     """Raise :class:`ModelGuideMismatchError` (or ``NotImplementedError``) on a bad pair.
 
@@ -49,24 +54,25 @@ def check_traces(
     (``pyro.util.check_model_guide_match``: the same warnings, and its errors as
     :class:`ModelGuideMismatchError`), then ours, which refuse what Pyro only warns about where
     the estimate would be silently wrong.  Call it on the raw (unpruned) traces, before log
-    densities are computed.
+    densities are computed.  A guide site that is not in the model (nor marked auxiliary) gets
+    Pyro's warning and keeps its log q, as in Trace_ELBO; ``strict=True`` (``fit``) refuses it.
     """
     if is_validation_enabled():
         try:
             check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
         except ValueError as error:
             try:
-                _check_traces(model_trace, guide_trace, allow_enumeration)
+                _check_traces(model_trace, guide_trace, allow_enumeration, strict)
             except ModelGuideMismatchError as ours:  # Pyro's words, then ours (what to do)
                 raise ModelGuideMismatchError(f"{error}. {ours}") from error
             raise ModelGuideMismatchError(
                 f"{error}. Make the guide's distribution at that site match the model's (the "
                 "same shape, .to_event() for event dims, the same pyro.plate for batch dims)."
             ) from error
-    _check_traces(model_trace, guide_trace, allow_enumeration)
+    _check_traces(model_trace, guide_trace, allow_enumeration, strict)
 
 
-def _check_traces(model_trace, guide_trace, allow_enumeration):
+def _check_traces(model_trace, guide_trace, allow_enumeration, strict):
     model_sites = _sample_sites(model_trace)
     guide_sites = _sample_sites(guide_trace)
     for name, site in guide_sites.items():
@@ -90,10 +96,14 @@ def _check_traces(model_trace, guide_trace, allow_enumeration):
                 "Remove it from the guide: observed data are not latent variables."
             )
         if name not in model_sites and not site["infer"].get("is_auxiliary"):
-            raise ModelGuideMismatchError(
+            message = (
                 f"guide site {name!r} does not appear in the model. Rename it to match a model "
                 "site, or mark it infer={'is_auxiliary': True} if it is a helper variable."
             )
+            if strict:
+                raise ModelGuideMismatchError(message)
+            if not is_validation_enabled():  # else Pyro's check has just warned
+                warnings.warn(message + " Its log q is kept, as Trace_ELBO does.", stacklevel=5)
         if not allow_enumeration and site["infer"].get("enumerate"):
             warnings.warn(  # as Trace_ELBO does (pyro.util.check_if_enumerated); it samples it
                 f"Found sample sites configured for enumeration: {name}. If you want to "

@@ -219,6 +219,7 @@ def check_model_guide(model, guide, objective, args, kwargs, check_density=True)
         _without_enumerated(model_trace, guide_trace, enumerating),
         guide_trace,
         allow_enumeration=enumerating,
+        strict=True,  # fit refuses a guide site the model lacks (Trace_ELBO only warns)
     )
     model_sites = _sample_sites(model_trace)
     guide_sites = _sample_sites(guide_trace)
