@@ -31,22 +31,19 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions import MaskedDistribution
-from pyro.distributions.util import detach as detach_distribution
 from pyro.distributions.util import is_identically_zero, scale_and_mask
-from pyro.infer.autoguide import (
-    AutoDiagonalNormal,
-    AutoLowRankMultivariateNormal,
-    AutoMultivariateNormal,
-    AutoNormal,
-)
-from pyro.poutine.guide import GuideMessenger
-from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.poutine.util import prune_subsample_sites
 
-from pyro_elbo.engine.handlers import BetaScale, DetachSamples
-from pyro_elbo.engine.validation import (
-    check_traces,
-    explain_replay_failure,
+from pyro_elbo.engine.detach import (
+    GAUSSIAN_AUTOGUIDES,
+    detach_auxiliary_sites,
+    graph_leaves,
+    log_q_with_constant_params,
+    path_derivative_unavailable,
 )
+from pyro_elbo.engine.handlers import BetaScale, DetachSamples
+from pyro_elbo.engine.traces import trace_pair
+from pyro_elbo.engine.validation import check_traces
 
 __all__ = [
     "PARTICLE_PLATE",
@@ -210,60 +207,14 @@ class Particles:
                 if node["type"] == "sample":
                     guide_roots.append(node["value"])
                     guide_roots.append(node["score_parts"].log_prob)
-        _graph_leaves(guide_roots, seen)
+        graph_leaves(guide_roots, seen)
         model_roots = [
             node["log_prob"]
             for trace in self.model_traces
             for node in trace.nodes.values()
             if node["type"] == "sample"
         ]
-        return _graph_leaves(model_roots, seen)
-
-    def params(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Unconstrained leaf tensors of the ``pyro.param`` sites seen, split by model and guide."""
-        split = {}
-        for role, traces in (("guide", self.guide_traces), ("model", self.model_traces)):
-            leaves = {}
-            for trace in traces:
-                for name, site in trace.nodes.items():
-                    if site["type"] == "param" and name not in leaves:
-                        value = site["value"]
-                        unconstrained = getattr(value, "unconstrained", None)
-                        leaf = unconstrained() if unconstrained is not None else value
-                        if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
-                            leaves[name] = leaf
-            split[role] = leaves
-        # A parameter used by both programs is credited to the guide.
-        split["model"] = {n: p for n, p in split["model"].items() if n not in split["guide"]}
-        return split
-
-
-def _graph_leaves(roots, seen: set) -> list[torch.Tensor]:
-    """The leaf tensors that require grad reachable from ``roots`` through autograd nodes not
-    in ``seen`` (which the walk extends)."""
-    found, stack = [], []
-    for root in roots:
-        if not isinstance(root, torch.Tensor) or not root.requires_grad:
-            continue
-        if root.grad_fn is None:
-            if root not in seen:  # tensors hash by identity
-                seen.add(root)
-                found.append(root)
-        else:
-            stack.append(root.grad_fn)
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
-        if variable is not None:
-            if variable not in seen:
-                seen.add(variable)
-                found.append(variable)
-            continue
-        stack.extend(fn for fn, _ in node.next_functions)
-    return found
+        return graph_leaves(model_roots, seen)
 
 
 def guess_plate_nesting(model, guide, args, kwargs) -> int:
@@ -298,8 +249,9 @@ def run_particles(
     """Run ``guide`` and ``model`` for ``num_particles`` particles and collect per-site terms.
 
     ``plate_nesting`` is the model's plate nesting P; the particle plate goes at ``dim=-(P+1)``.
-    With ``detach_params=True`` the guide is replayed a second time (hidden from SVI by
-    ``poutine.block``) with its parameters held constant, giving ``log_prob_detached``.
+    With ``detach_params=True`` each guide site also gets ``log_prob_detached``, log q with the
+    guide's parameters held constant (:mod:`pyro_elbo.engine.detach`: the guide replayed once
+    more on its detached draws, hidden from SVI; no replay for Pyro's Gaussian autoguides).
     With ``detach_samples=True`` the guide's samples are cut from the graph (the score-function
     estimator).  With ``beta != 1`` the scale of every latent site is multiplied by ``beta``.
     ``validate=True`` checks the structure of the pair first (see :mod:`.validation`).
@@ -376,7 +328,7 @@ def _trace_pair(
     detached = None
     if detach_params:
         if type(user_guide) in GAUSSIAN_AUTOGUIDES:
-            shortcut = _detach_auxiliary_sites(guide_trace)
+            shortcut = detach_auxiliary_sites(guide_trace)
             shortcut.compute_log_prob()
             detached = {n: node["log_prob"] for n, node in shortcut.nodes.items()}
         else:
@@ -386,175 +338,6 @@ def _trace_pair(
     model_trace = prune_subsample_sites(model_trace)
     model_trace.compute_log_prob()
     return model_trace, guide_trace, detached
-
-
-def log_q_with_constant_params(guide, full_trace, guide_trace, user_guide, args, kwargs) -> dict:
-    """Per guide site, log q with the guide's parameters held constant and the samples live:
-    ``{name: log q_{stop(phi)}(z(phi))}`` (scaled and masked), for any guide.
-
-    No parameter is looked for.  The guide is replayed on its own draws, cut from the graph
-    (``z_bar = stop(z)``), which gives ``log q_phi(z_bar)``: every tensor the guide reads (a
-    ``pyro.param``, a module's weights, a flow's transform, a closure's tensor) stays live, and
-    everything computed from a sample is constant, so its gradient is the direct part
-    ``d/dphi log q_phi(z)`` at fixed ``z``.  Subtracting it from the live term removes exactly
-    that part::
-
-        log q_{stop(phi)}(z(phi)) := log q_phi(z(phi)) + [stop(log q_phi(z_bar)) - log q_phi(z_bar)]
-
-    Same value as ``log q`` (the bracket is exactly 0), gradient the path derivative
-    ``d log q/dz * dz/dphi`` (Roeder et al. 2017).  The replay reuses the subsample indices, and
-    the drawn values are new tensors, so a transform's cache (flows) cannot hand back the live
-    ones: ``log q_phi(z_bar)`` goes through the transform's inverse.
-
-    ``full_trace`` is the guide's trace with its subsample sites, ``guide_trace`` the same pruned,
-    with its score parts computed (the live terms).
-    """
-    fixed = poutine.Trace()
-    for name, node in full_trace.nodes.items():
-        copy = dict(node)
-        value = node.get("value")
-        if node["type"] == "sample" and isinstance(value, torch.Tensor):
-            copy["value"] = value.detach()
-        fixed.add_node(name, **copy)
-    try:
-        with poutine.block():
-            replayed = poutine.trace(poutine.replay(guide, trace=fixed)).get_trace(*args, **kwargs)
-            replayed = prune_subsample_sites(replayed)
-            replayed.compute_log_prob()
-    except Exception as error:
-        raise NotImplementedError(
-            f"the guide {_describe_guide(user_guide)} could not be evaluated at its own draws "
-            f"({type(error).__name__}: {error}). A path-derivative estimator (STL, DReG) needs "
-            "log q at a given point with the parameters held constant, e.g. the inverse of a "
-            "flow's transform. Use estimator='reparam', or a transform with an inverse."
-        ) from error
-    live = guide_trace.nodes
-    missing = [n for n, s in live.items() if s["type"] == "sample" and n not in replayed.nodes]
-    if missing:
-        raise NotImplementedError(
-            f"the guide {_describe_guide(user_guide)} sampled {missing} but did not sample them "
-            "again when replayed on its own draws (its structure depends on randomness outside "
-            "pyro.sample); a path-derivative estimator (STL, DReG) needs the replay. Use "
-            "estimator='reparam'."
-        )
-    detached = {}
-    for name, node in replayed.nodes.items():
-        if node["type"] != "sample" or name not in live:
-            continue
-        direct = node["log_prob"]
-        if isinstance(direct, torch.Tensor) and direct.requires_grad:
-            detached[name] = live[name]["score_parts"].log_prob + (direct.detach() - direct)
-        else:
-            detached[name] = live[name]["score_parts"].log_prob
-    return detached
-
-
-def _describe_guide(guide) -> str:
-    name = getattr(guide, "__qualname__", None) or type(guide).__name__
-    return repr(name)
-
-
-#: autoguides whose auxiliary sites' distributions depend on the parameters only (never on other
-#: samples): for them the parameter-detached log q needs no second guide pass
-GAUSSIAN_AUTOGUIDES = (
-    AutoNormal,
-    AutoDiagonalNormal,
-    AutoMultivariateNormal,
-    AutoLowRankMultivariateNormal,
-)
-
-
-def _detach_auxiliary_sites(guide_trace):
-    """The guide trace with every auxiliary site's distribution detached from the parameters,
-    the samples untouched: what the parameter-detached replay gives for
-    :data:`GAUSSIAN_AUTOGUIDES`, without running the guide again.
-
-    Exact for these guides only: their auxiliary sites (``<site>_unconstrained`` of AutoNormal,
-    ``_<Guide>_latent`` of the others) are Normal/MultivariateNormal/LowRankMultivariateNormal
-    whose parameters are the guide's parameters, so detaching the distribution holds exactly
-    the parameters constant.  Their other sites are ``Delta(T(u), log_density=Jacobian)``: their
-    log-density depends on the sample ``u`` alone and stays on the path, as it must (detaching
-    *those* distributions would drop the Jacobian's path gradient, which is biased).
-    """
-    detached = poutine.Trace()
-    for name, node in guide_trace.nodes.items():
-        if node["type"] != "sample":
-            continue
-        copy = {k: v for k, v in node.items() if k not in _LOG_PROB_KEYS}
-        if node["infer"].get("is_auxiliary"):
-            copy["fn"] = detach_distribution(node["fn"])
-        detached.add_node(name, **copy)
-    return detached
-
-
-_LOG_PROB_KEYS = ("log_prob", "log_prob_sum", "unscaled_log_prob", "score_parts")
-
-
-def trace_pair(model, guide, args, kwargs, user=None):
-    """``(model_trace, guide_trace)``, unpruned, as Pyro's ``Trace_ELBO`` makes them: the guide
-    traced, then the model replayed on it; or, for an effect-based guide (Pyro's
-    ``AutoMessenger`` guides, any ``GuideMessenger``), the one run that interleaves both, split by
-    the guide's ``get_traces`` (the guide trace without the model's observed sites).
-
-    ``model`` and ``guide`` may be wrapped in handlers (the particle plate, ``beta``); ``user``
-    is the pair as the user passed it (for the messenger check and the error explanations).
-    A model that fails on the guide's draws because the shapes differ raises an error naming
-    the site.
-    """
-    user = (model, guide) if user is None else user
-    messenger = poutine.unwrap(user[1])
-    if isinstance(messenger, GuideMessenger):
-        guide(*args, **kwargs)
-        model_trace, _ = messenger.get_traces()
-        return model_trace, _messenger_guide_trace(messenger)
-    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    return _replay_model(model, guide_trace, user, args, kwargs), guide_trace
-
-
-def _messenger_guide_trace(messenger):
-    """The guide's part of an effect-based guide's trace: its sample sites that are not the
-    model's observed ones, subsample sites kept (a replay must reuse their indices)."""
-    trace = messenger.trace.copy()
-    for name, site in list(trace.nodes.items()):
-        if site["type"] != "sample" or (site["is_observed"] and not site_is_subsample(site)):
-            trace.remove_node(name)
-    return trace
-
-
-def path_derivative_unavailable(guide, args, kwargs) -> str | None:
-    """Why ``guide``'s log q cannot be evaluated with its parameters held constant (what STL and
-    DReG need), or ``None`` when it can.  One guide run, hidden from SVI, on a forked generator;
-    a guide that fails on its own gives ``None`` (the objective will say why)."""
-    messenger = poutine.unwrap(guide)
-    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices), poutine.block():
-        try:
-            if isinstance(messenger, GuideMessenger):
-                guide(*args, **kwargs)
-                full = _messenger_guide_trace(messenger)
-            else:
-                full = poutine.trace(guide).get_trace(*args, **kwargs)
-            pruned = prune_subsample_sites(full)
-            pruned.compute_score_parts()
-        except Exception:
-            return None
-        try:
-            log_q_with_constant_params(guide, full, pruned, guide, args, kwargs)
-        except NotImplementedError as error:
-            return str(error)
-    return None
-
-
-def _replay_model(model, guide_trace, user, args, kwargs):
-    """Trace ``model`` replayed on ``guide_trace``; a failure caused by a guide whose site shapes
-    differ from the model's becomes an error that names the site."""
-    try:
-        return poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    except Exception as error:
-        explained = explain_replay_failure(*user, args, kwargs, error)
-        if explained is not None:
-            raise explained from error
-        raise
 
 
 class _Aligner:

@@ -8,7 +8,7 @@ directly through ``phi``.  The direct part has expectation zero; STL drops it::
 so log q is evaluated with the guide's parameters held constant and the samples still
 differentiable.  The engine does this for any guide by subtracting the direct part, log q
 re-evaluated on the draws cut from the graph
-(:func:`pyro_elbo.engine.particles.log_q_with_constant_params`), which keeps the Jacobian terms
+(:func:`pyro_elbo.engine.detach.log_q_with_constant_params`), which keeps the Jacobian terms
 of constrained sites (AutoNormal's Delta sites) on the path.  At q = p(z | x) the integrand is
 constant, so the estimator has zero variance.
 
