@@ -170,9 +170,11 @@ def handles_enumeration(objective) -> bool:
 def _pathwise_only(objective) -> str | None:
     """A description of the objective if its gradient needs every guide site reparameterized."""
     from pyro_elbo.objectives.cubo import CUBO
+    from pyro_elbo.objectives.iwelbo import IWELBO
 
     estimator = getattr(objective, "estimator", None)
-    if estimator in ("stl", "dreg"):
+    # ELBO's STL gives such sites their score-function terms, as Trace_ELBO does
+    if isinstance(objective, IWELBO) and estimator in ("stl", "dreg"):
         return f"{type(objective).__name__}(estimator={estimator!r})"
     if isinstance(objective, CUBO):
         return "CUBO"
@@ -217,6 +219,7 @@ def check_model_guide(model, guide, objective, args, kwargs, check_density=True)
         _without_enumerated(model_trace, guide_trace, enumerating),
         guide_trace,
         allow_enumeration=enumerating,
+        strict=True,  # fit refuses a guide site the model lacks (Trace_ELBO only warns)
     )
     model_sites = _sample_sites(model_trace)
     guide_sites = _sample_sites(guide_trace)
