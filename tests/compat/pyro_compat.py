@@ -83,8 +83,11 @@ class IWELBO_1(pyro.infer.ELBO):
                  **kwargs):
         for key in _PYRO_ONLY_KWARGS:
             kwargs.pop(key, None)
+        # Pyro's ELBO adds one to max_plate_nesting for its own vectorized particle plate: keep
+        # the model's count by telling the base class nothing is vectorized
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting,
-                         vectorize_particles=vectorize_particles)
+                         vectorize_particles=False)
+        self.vectorize_draws = vectorize_particles
         self.kwargs = kwargs
 
     def _inner(self, model, guide, args, kwargs):
@@ -94,7 +97,7 @@ class IWELBO_1(pyro.infer.ELBO):
             return objective, model, guide, 1
         model = poutine.scale(model, scale=1.0 / K)
         guide = poutine.scale(guide, scale=1.0 / K)
-        if not self.vectorize_particles:
+        if not self.vectorize_draws:
             objective = pyro_elbo.IWELBO(1, max_plate_nesting=self.max_plate_nesting, **self.kwargs)
             return objective, model, guide, K
         if self.max_plate_nesting == float("inf"):
