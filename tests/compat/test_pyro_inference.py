@@ -11,11 +11,13 @@ EnergyDistance cases (other objectives), and the ``Jit*`` cases Pyro itself mark
 Columns: see ``pyro_compat.py`` (``TraceMeanField_ELBO`` cases: ``TraceMeanField_ELBO`` and
 ``ELBO_akl``).
 
-**Default run.**  The conjugate cases take 3,000-25,000 SVI steps each (tens of seconds to minutes
-apiece on CI), so the full grid (about 70 cases) runs only with ``PYRO_ELBO_COMPAT_FULL=1``.  By
+**Default run.**  The conjugate cases take 3,000-25,000 SVI steps each (10 s to several minutes
+apiece), so the full grid (73 convergence cases) runs only with ``PYRO_ELBO_COMPAT_FULL=1``.  By
 default: the fast tests (fixed model/guide, safety, test_reparam_stable) for every objective, and
-the convergence tests in rotation, each of our objectives on at least one conjugate family
-(``DEFAULT_CONVERGENCE`` below), the cheapest case of each.
+one 3,000-5,000-step conjugate case per objective (``DEFAULT_CONVERGENCE``: NormalNormal for
+ELBO and ELBO_akl, ExponentialGamma for IWELBO, vectorized BernoulliBeta for ELBO_stl).  So in the
+default run every objective meets every fast test and one convergence test, not all five: the
+five families at Pyro's step counts take over 10 minutes per objective, above the CI budget.
 """
 
 import math
@@ -38,10 +40,8 @@ from torch.distributions import constraints
 DEFAULT_CONVERGENCE = {
     ("test_normal_normal_elbo", "ELBO", "reparam"),
     ("test_normal_normal_elbo_analytic_kl", "ELBO_akl", ""),
-    ("test_poisson_gamma_elbo", "ELBO_stl", "reparam"),
     ("test_exponential_gamma", "IWELBO", "reparam"),
-    ("test_bernoulli_beta_elbo", "ELBO_akl", "reparam"),
-    ("test_bernoulli_beta_elbo_vectorized", "ELBO", "reparam"),
+    ("test_bernoulli_beta_elbo_vectorized", "ELBO_stl", "reparam"),
 }
 
 
