@@ -576,7 +576,9 @@ def fit(
     :param loss: the objective: any pyro_elbo objective, or a Pyro ELBO (``Trace_ELBO()``,
         ``TraceEnum_ELBO(max_plate_nesting=...)``...).  Default
         :func:`pyro_elbo.init.recommended_objective`: ``ELBO(4, estimator="stl")``
-        (``estimator="reparam"`` when the guide has a site without ``rsample``).
+        (``estimator="reparam"`` when the guide has a site without ``rsample`` or its log q
+        cannot hold its parameters constant, e.g. a flow without an inverse; said in
+        ``result.defaults``).
     :param optim: ``pyro.optim.Adam({...})`` (any ``PyroOptim``), a torch optimizer class or
         ``functools.partial`` of one (built over all parameters), or a constructed torch
         optimizer holding them.  Default: :func:`pyro_elbo.init.conditioning.whitened_optim`
