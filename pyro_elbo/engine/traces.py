@@ -13,7 +13,12 @@ from pyro.poutine.util import site_is_subsample
 
 from pyro_elbo.engine.validation import explain_replay_failure
 
-__all__ = ["messenger_guide_trace", "trace_pair"]
+__all__ = ["is_messenger", "messenger_guide_trace", "trace_pair"]
+
+
+def is_messenger(guide) -> bool:
+    """Whether ``guide`` (possibly wrapped in handlers) is an effect-based guide."""
+    return isinstance(poutine.unwrap(guide), GuideMessenger)
 
 
 def trace_pair(model, guide, args, kwargs, user=None):

@@ -46,6 +46,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to, constraints
 
+from pyro_elbo.engine.traces import is_messenger, trace_pair
 from pyro_elbo.engine.validation import (
     ModelGuideMismatchError,
     check_traces,
@@ -210,16 +211,17 @@ def check_model_guide(model, guide, objective, args, kwargs, check_density=True)
     ``check_density=False`` leaves the finite-log-density check of the draw to the caller
     (``fit`` runs it after its Laplace stage, which may move the guide to where it is finite)."""
     with poutine.block():
-        try:
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        try:  # an AutoMessenger guide runs the model itself: one run gives both traces
+            both = trace_pair(model, guide, args, kwargs) if is_messenger(guide) else None
+            guide_trace = both[1] if both else poutine.trace(guide).get_trace(*args, **kwargs)
         except Exception as error:
             raise_for_data(error, args, kwargs)
             _note(error, "raised by the guide in fit's check before step 1")
             raise
         try:
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                *args, **kwargs
-            )
+            model_trace = both[0] if both else poutine.trace(
+                poutine.replay(model, trace=guide_trace)
+            ).get_trace(*args, **kwargs)
         except Exception as error:
             explained = explain_replay_failure(model, guide, args, kwargs, error)
             if explained is not None:
