@@ -434,8 +434,9 @@ def _check_supports(model_sites, guide_sites):
         guide_fn, model_fn = guide_site["fn"], model_site["fn"]
         value = guide_site["value"]
         outer = model_fn.support
-        if isinstance(_base(guide_fn), pyro.distributions.Delta):
-            # autoguides sample Delta(T(u)): the support is nominal, the value is what counts
+        if isinstance(_base(guide_fn), pyro.distributions.Delta) or "prior" in guide_site["infer"]:
+            # autoguides sample Delta(T(u)), AutoMessenger guides T(Normal) with a T whose
+            # nominal codomain is Real: the support is nominal, the value is what counts
             inside = _inside(outer, value)
             if inside is not None and not inside:
                 raise SupportMismatchError(
