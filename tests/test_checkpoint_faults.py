@@ -642,7 +642,7 @@ def test_fit_distributed_sigint_mid_step_checkpoints_that_step_and_resumes_exact
         return result, pyro.param("wm").detach().clone()
 
     def interrupted():
-        CALLS.update(armed=True, count=0, at=8, signal=signal.SIGINT, times=1)
+        CALLS.update(armed=True, count=0, at=10, signal=signal.SIGINT, times=1)
         result, _ = go(path)
         assert result.stopped_by == "SIGINT" and 5 < result.num_steps < 10
         (tmp_path / "steps").write_text(str(result.num_steps))

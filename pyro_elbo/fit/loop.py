@@ -17,8 +17,8 @@ What it does, in order:
 1b. **Laplace stage** (``init="auto"``, :mod:`.initial`): L-BFGS to the posterior mode and the
    guide set from the Hessian there; then, when ``optim`` is not given,
    :class:`~pyro_elbo.init.WhitenedAdam` in the coordinates of that Gaussian.
-2. **Steps**: ``loss.loss_and_grads`` (any pyro_elbo objective or Pyro ELBO; with
-   ``compile=True`` the loss traced once by :func:`pyro_elbo.fast.compiled_loss_and_grads`) and
+2. **Steps**: ``loss.loss_and_grads`` (any pyro_elbo objective or Pyro ELBO; compiled as one
+   graph per step by :mod:`pyro_elbo.fast` when :mod:`.compiling` says so) and
    one optimizer step over the parameters captured once before the loop (parameters created
    later are adopted).
 3. **NaN/inf guard**: a non-finite loss or gradient stops the loop *before* the optimizer step, so
@@ -54,6 +54,7 @@ import pyro_elbo.fit.identity as identity
 import pyro_elbo.fit.interrupt as interrupt
 import pyro_elbo.fit.location as location
 from pyro_elbo.fit import checkpoint as ckpt
+from pyro_elbo.fit.compiling import Compiler, CompileStatus
 from pyro_elbo.fit.convergence import fisher_diagonal, fisher_seed, make_rule
 from pyro_elbo.fit.initial import LaplaceStage, check_init, default_optimizer, run_laplace
 from pyro_elbo.fit.params import ParamIndex
@@ -105,7 +106,8 @@ class FitResult:
       (the recommended ones when ``fit`` chose them);
     * ``init``: what the stage before step 1 did (a :class:`~pyro_elbo.fit.initial.LaplaceStage`:
       ``.ran``, ``.result``, ``.message``, ``.seconds``);
-    * ``compiled``: whether the steps ran on the compiled fast path;
+    * ``compiled``: whether the steps ran on the compiled fast path (true or false), and
+      ``compiled.reason``: which path and why (:class:`~pyro_elbo.fit.compiling.CompileStatus`);
     * ``defaults``: the objective ``fit`` chose when ``loss`` was not given, and why ("" else).
     """
 
@@ -122,7 +124,7 @@ class FitResult:
     loss: object = None
     optim: object = None
     init: object = None
-    compiled: bool = False
+    compiled: object = False
     defaults: str = ""
 
     def __repr__(self):
@@ -544,7 +546,7 @@ def fit(
     resume: bool = True,
     seed: int | None = None,
     callbacks=(),
-    compile: bool = False,
+    compile="auto",
     data=None,
     skip_nonfinite: int = 0,
     init="auto",
@@ -583,10 +585,13 @@ def fit(
     :param seed: seeds torch, numpy and Python (``pyro.set_rng_seed``) before anything runs.
     :param callbacks: functions called as ``callback(state)`` after each step with a
         :class:`FitState`; one returning ``True`` stops the run.
-    :param bool compile: run each step on the compiled fast path
-        (:mod:`pyro_elbo.fast`): the objective's loss traced once as one torch function of the
-        parameters and the data.  Models whose structure is not static fall back to the normal
-        path with a one-line warning that says why.
+    :param compile: ``"auto"`` (default), ``True`` or ``False``: run each step as one compiled
+        graph (:mod:`pyro_elbo.fast`: the objective's loss and gradients captured once with FX,
+        compiled by inductor; the same estimator and random numbers).  ``"auto"`` compiles a
+        run of 2000 steps or more (``num_steps``) from step 1, and switches a run stopped by the
+        convergence rule at step 2000 when 2000 more may follow (:mod:`.compiling`); ``True``
+        compiles before step 1.  A step that cannot be captured runs eagerly with a one-line
+        warning; ``result.compiled.reason`` says which path ran and why.
     :param data: an iterable of batches (e.g. a ``DataLoader``); each step takes the next batch
         and passes it after ``*args`` (a tuple/list is unpacked, a dict merged into the keyword
         arguments), re-iterating at the end of an epoch.
@@ -606,8 +611,8 @@ def fit(
     """
     started = time.perf_counter()
     check_init(init)
-    if not isinstance(compile, bool):
-        raise TypeError(f"fit: compile must be True or False, got {compile!r}")
+    if not (isinstance(compile, bool) or compile == "auto"):
+        raise TypeError(f"fit: compile must be True, False or 'auto', got {compile!r}")
     check_steps(num_steps, max_steps, checkpoint_every, skip_nonfinite)
     if num_steps is not None and convergence not in ("auto", None, False):
         raise ValueError(
@@ -713,17 +718,11 @@ class _Run:
         self.names = [names[i] for i in keep]
         self.leaves = [leaves[i] for i in keep]
         self.opt = _make_optimizer(self.optim, self.leaves, self.names)
-        self.step_fn = self.objective.loss_and_grads
-        self.compiled = False
-        if self.compile:
-            from pyro_elbo.fast import compiled_loss_and_grads
-
-            compiled = compiled_loss_and_grads(
-                model, guide, objective, self.names, self.leaves, args, kwargs,
-                batched=self.batches is not None,
-            )
-            if compiled is not None:
-                self.step_fn, self.compiled = compiled, True
+        self.compiler = Compiler(
+            self.compile, target=self.target, batched=self.batches is not None,
+            known_length=self.num_steps is not None or self.rule is None,
+        )
+        self.step_fn = self.compiler.start(self)
         self.guide_names = set(pre.guide_params)
         if self.rule is not None:
             self.rule.bind(self._context())
@@ -899,6 +898,8 @@ class _Run:
         num_in_store = len(store)
         finite = math.isfinite
         step = self.step
+        grads_finite = getattr(step_fn, "grads_finite", _grads_finite)
+        compile_due = self.compiler.due if self.compiler.due is not None else math.inf
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
@@ -906,6 +907,10 @@ class _Run:
                     "ignore", message="Encountered \\+?-?inf", category=UserWarning
                 )
                 while step < target:
+                    if step >= compile_due:  # compile="auto": the run is long, compile now
+                        step_fn = self.step_fn = self.compiler.switch(self, step)
+                        grads_finite = getattr(step_fn, "grads_finite", _grads_finite)
+                        compile_due = math.inf
                     if batches is not None:
                         try:
                             batch = batches.next()
@@ -928,7 +933,7 @@ class _Run:
                         self._adopt()
                         num_in_store = len(store)
                     self.step = step = step + 1
-                    if refused is None and finite(value) and _grads_finite(leaves):
+                    if refused is None and finite(value) and grads_finite(leaves):
                         opt.step()
                     elif len(skipped) < skip_limit:
                         skipped.append(step)
@@ -972,6 +977,7 @@ class _Run:
 
     def _raise_nonfinite(self, value, refused, rng_state):
         step, losses = self.step, self.losses + [value]
+        refused = refused or self.compiler.refusal(self, rng_state)
         if refused is not None:
             error, sites, note = refused
             raise _nonfinite_error(
@@ -1039,7 +1045,7 @@ class _Run:
             loss=self.objective,
             optim=self.opt.optimizer,
             init=getattr(self, "stage", LaplaceStage()),
-            compiled=bool(getattr(self, "compiled", False)),
+            compiled=self.compiler.status if hasattr(self, "compiler") else CompileStatus(False, ""),
             defaults=getattr(self, "defaults", ""),
         )
 
