@@ -13,7 +13,6 @@ fresh subprocesses (``--memory``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -28,6 +27,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from benchmarks.models import PROBLEMS
+from pyro_elbo.cli import parser as cli_parser
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -59,13 +59,7 @@ def contenders(problem, num_particles):
             out[f"IWELBO({k}, dreg)"] = lambda: _svi_step(problem, IWELBO(k, estimator="dreg"), lr)
     except ImportError:
         pass
-    try:
-        from pyro_elbo.fast import compile_step
-
-        if k == 1:
-            out["fast path (compile)"] = lambda: _compiled_step(problem, compile_step, lr)
-    except ImportError:
-        pass
+    out[f"compiled step ELBO({k})"] = lambda: _compiled_step(problem, ELBO(k), lr)
     if k == 1:
         out["hand-written torch"] = lambda: _raw_step(problem, lr)
     from benchmarks import numpyro_models
@@ -75,9 +69,14 @@ def contenders(problem, num_particles):
     return out
 
 
-def _compiled_step(problem, compile_step, lr):
+def _compiled_step(problem, objective, lr):
+    """``pyro_elbo.fast.CompiledStep``: the objective's loss and gradients as one FX graph
+    compiled by inductor, and one fused Adam (raises rather than fall back: a benchmark row
+    must be what it says)."""
+    from pyro_elbo.fast import CompiledStep
+
     guide = problem.make_guide(problem.model)
-    step = compile_step(problem.model, guide, *problem.args, lr=lr)
+    step = CompiledStep(problem.model, guide, *problem.args, loss=objective, lr=lr)
     return lambda: step(*problem.args)
 
 
@@ -136,6 +135,109 @@ def peak_rss_mb(num_particles: int) -> dict:
     return {"before_steps": before / 1024, "peak": peak / 1024}
 
 
+_COMPILE_CODE = """
+import time, torch, pyro, warnings; warnings.simplefilter('ignore')
+torch.set_num_threads(1); pyro.enable_validation(False)
+from benchmarks.models import PROBLEMS; from pyro_elbo import ELBO
+from pyro_elbo.fast import CompiledStep
+p = PROBLEMS[{key!r}](); g = p.make_guide(p.model)
+start = time.perf_counter()
+step = CompiledStep(p.model, g, *p.args, loss=ELBO(1), lr=0.01)
+print(time.perf_counter() - start)
+"""
+
+_FIT_CODE = """
+import time, torch, pyro, warnings; warnings.simplefilter('ignore')
+torch.set_num_threads(1)
+from benchmarks.models import PROBLEMS; from pyro_elbo import fit
+p = PROBLEMS[{key!r}](); g = p.make_guide(p.model)
+r = fit(p.model, g, *p.args, num_steps={steps}, seed=0, progress=False, compile={setting!r})
+print(r.seconds, bool(r.compiled))
+"""
+
+
+_STRESS_CODE = """
+import torch, pyro, warnings; warnings.simplefilter('ignore')
+torch.set_num_threads(1)
+from benchmarks.stress import CASES; from pyro_elbo import fit
+case = CASES[{key!r}]()
+r = fit(case.model, None, *case.args, seed=0, progress=False, compile={setting!r})
+print(r.seconds, r.num_steps, bool(r.compiled))
+"""
+
+
+def stress_fit_times() -> dict:
+    """The held-out-style wall time: ``fit(model, None, *args, seed=0)`` (every default, stopped
+    by the convergence rule) on each stress-suite model, ``compile="auto"`` against
+    ``compile=False``, each in a fresh process (inductor's cache warm), interleaved."""
+    from benchmarks.stress import CASES
+
+    out = {}
+    for key in CASES:
+        row = {}
+        for setting in ("auto", False):
+            seconds, steps, compiled = _run_python(_STRESS_CODE.format(key=key, setting=setting))
+            row["auto" if setting == "auto" else "eager"] = float(seconds)
+            row["steps_" + ("auto" if setting == "auto" else "eager")] = int(steps)
+            if setting == "auto":
+                row["auto_compiled"] = compiled == "True"
+        out[key] = row
+        print("stress fit seconds", key, row, flush=True)
+    return out
+
+
+def _run_python(code, env=None):
+    import os
+
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).parent.parent, env={**os.environ, **(env or {})},
+    )
+    return out.stdout.strip().splitlines()[-1].split()
+
+
+def compile_times(keys) -> dict:
+    """Seconds to capture and compile ``CompiledStep`` (ELBO(1)) in a fresh process: cold (an
+    empty inductor cache) and warm (the cache the cold run filled).  Both include importing
+    inductor (several seconds), which any first compile in a process pays."""
+    import tempfile
+
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {"TORCHINDUCTOR_CACHE_DIR": cache}
+        for key in keys:
+            cold = float(_run_python(_COMPILE_CODE.format(key=key), env)[0])
+            warm = float(_run_python(_COMPILE_CODE.format(key=key), env)[0])
+            out[key] = {"cold": cold, "warm": warm}
+            print("compile seconds", key, out[key], flush=True)
+    return out
+
+
+def fit_times(keys, steps=2000, rounds=2) -> dict:
+    """``fit(model, guide, *args, num_steps=steps)`` end to end (``result.seconds``: the
+    Laplace stage, the checks, compiling, the steps), ``compile="auto"`` against
+    ``compile=False``, each in a fresh process (inductor's cache warm), interleaved; medians."""
+    out = {}
+    for key in keys:
+        times = {"auto": [], False: []}
+        compiled = None
+        for _ in range(rounds):
+            for setting in ("auto", False):
+                seconds, was = _run_python(
+                    _FIT_CODE.format(key=key, steps=steps, setting=setting)
+                )
+                times[setting].append(float(seconds))
+                if setting == "auto":
+                    compiled = was == "True"
+        out[key] = {
+            "auto": statistics.median(times["auto"]),
+            "eager": statistics.median(times[False]),
+            "auto_compiled": compiled,
+        }
+        print("fit seconds", key, out[key], flush=True)
+    return out
+
+
 def machine() -> str:
     return (
         f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), Python "
@@ -143,7 +245,7 @@ def machine() -> str:
     )
 
 
-def format_markdown(results, memory) -> str:
+def format_markdown(results, memory, compiles=None, fits=None, stress=None) -> str:
     from benchmarks import numpyro_models
 
     lines = [f"Machine: {machine()}", ""]
@@ -159,6 +261,41 @@ def format_markdown(results, memory) -> str:
                 r2 = f"{ms / raw:.2f}" if raw else "–"
                 lines.append(f"| {name} | {ms:.3f} | {r1} | {r2} |")
             lines.append("")
+    if compiles:
+        lines += [
+            "**Compile time of the compiled step (ELBO(1)), seconds, fresh process**",
+            "",
+            "| problem | cold (empty inductor cache) | warm |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {k} | {v['cold']:.1f} | {v['warm']:.1f} |" for k, v in compiles.items()]
+        lines.append("")
+    if fits:
+        lines += [
+            "**`fit(..., num_steps=2000)` end to end, seconds (fresh process, warm cache)**",
+            "",
+            '| problem | compile="auto" | compile=False | ratio | auto compiled? |',
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {v['auto']:.1f} | {v['eager']:.1f} | {v['auto'] / v['eager']:.2f} | "
+            f"{'yes' if v['auto_compiled'] else 'no'} |"
+            for k, v in fits.items()
+        ]
+        lines.append("")
+    if stress:
+        lines += [
+            "**`fit(model, None, *args, seed=0)` on the stress-suite models, seconds end to end**",
+            "",
+            '| model | compile="auto" (steps, compiled?) | compile=False (steps) | ratio |',
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {v['auto']:.1f} ({v['steps_auto']}, {'yes' if v['auto_compiled'] else 'no'})"
+            f" | {v['eager']:.1f} ({v['steps_eager']}) | {v['auto'] / v['eager']:.2f} |"
+            for k, v in stress.items()
+        ]
+        lines.append("")
     if memory:
         lines += [
             "**Peak RSS, VAE step (ELBO(K), 50 steps)**",
@@ -175,13 +312,28 @@ def format_markdown(results, memory) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--problems", nargs="*", default=list(PROBLEMS), choices=list(PROBLEMS))
-    parser.add_argument("--particles", nargs="*", type=int, default=[1, 16])
+    parser = cli_parser("python -m benchmarks", __doc__)
+    parser.add_argument("--problems", nargs="*", default=list(PROBLEMS), choices=list(PROBLEMS),
+                        help="the problems to time")
+    parser.add_argument("--particles", nargs="*", type=int, default=[1, 16],
+                        help="particle counts K to time each problem at")
     parser.add_argument("--steps", type=int, default=100, help="timed steps per block")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
-    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=30,
+                        help="untimed steps before each contender's first block")
     parser.add_argument("--memory", action="store_true", help="also measure VAE peak RSS")
+    parser.add_argument(
+        "--compile-times", action="store_true",
+        help="also measure the compiled step's compile time, cold and warm",
+    )
+    parser.add_argument(
+        "--fit", action="store_true",
+        help='also time fit(num_steps=2000) end to end, compile="auto" against eager',
+    )
+    parser.add_argument(
+        "--stress-fit", action="store_true",
+        help='also time fit(model, None, *args) on the stress-suite models, auto against eager',
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     pyro.enable_validation(False)
@@ -193,11 +345,17 @@ def main(argv=None):
             results.setdefault(problem.name, {})[k] = timings
             print(problem.name, f"K={k}", {n: round(t, 3) for n, t in timings.items()}, flush=True)
     memory = {k: peak_rss_mb(k) for k in (1, 16, 128)} if args.memory else {}
-    table = format_markdown(results, memory)
+    compiles = compile_times(args.problems) if args.compile_times else {}
+    fits = fit_times([k for k in args.problems if k != "vae"]) if args.fit else {}
+    stress = stress_fit_times() if args.stress_fit else {}
+    table = format_markdown(results, memory, compiles, fits, stress)
     print(table)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "speed.md").write_text(table + "\n")
-    payload = {"machine": machine(), "ms_per_step": results, "peak_rss_mb": memory}
+    payload = {
+        "machine": machine(), "ms_per_step": results, "peak_rss_mb": memory,
+        "compile_seconds": compiles, "fit_seconds": fits, "stress_fit_seconds": stress,
+    }
     (RESULTS / "speed.json").write_text(json.dumps(payload, indent=2))
     print(f"\nwrote {RESULTS / 'speed.md'} and {RESULTS / 'speed.json'}")
 

@@ -50,3 +50,14 @@ def test_fit_on_cuda_reaches_exact_posterior():
     for _ in range(1500):
         svi.step()
     assert float(kl_divergence(pyro_elbo.posterior_of(guide), oracle.posterior())) < 0.01
+
+
+def test_compiled_fit_on_cuda_reaches_exact_posterior():
+    """The compiled step (one inductor graph per step) with CUDA parameters and data."""
+    oracle = cuda_oracle()
+    guide = AutoMultivariateNormal(oracle.model)
+    result = pyro_elbo.fit(oracle.model, guide, loss=pyro_elbo.ELBO(8, estimator="stl"),
+                           optim=pyro.optim.Adam({"lr": 0.05}), num_steps=1500, seed=0,
+                           progress=False, init=None, compile=True)
+    assert result.compiled, result.compiled.reason
+    assert float(kl_divergence(pyro_elbo.posterior_of(guide), oracle.posterior())) < 0.01

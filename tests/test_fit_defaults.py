@@ -155,7 +155,8 @@ def logistic(num_data=300, dim=5, seed=0):
 
 
 @pytest.mark.parametrize("estimator", ["reparam", "stl"])
-def test_compiled_fit_gives_the_normal_paths_losses_and_parameters(estimator):
+def test_compiled_fit_gives_the_normal_paths_losses_and_parameters(estimator, monkeypatch):
+    monkeypatch.setattr("pyro_elbo.fast.DEFAULT_BACKEND", "eager")  # the captured graph as is
     model, X, y = logistic()
     runs = []
     for compiled in (False, True):
@@ -163,7 +164,7 @@ def test_compiled_fit_gives_the_normal_paths_losses_and_parameters(estimator):
         guide = AutoNormal(model)
         result = fit(model, guide, X, y, loss=ELBO(2, estimator=estimator), num_steps=150,
                      seed=0, progress=False, init=None, compile=compiled)
-        assert result.compiled is compiled
+        assert bool(result.compiled) is compiled, result.compiled
         store = pyro.get_param_store()
         runs.append((result.losses, {n: store[n].detach().clone() for n in store.keys()}))
     (losses_a, params_a), (losses_b, params_b) = runs
@@ -181,7 +182,8 @@ def test_compiled_fit_with_the_default_pipeline_reaches_the_exact_posterior():
     assert kl < 0.01
 
 
-def test_compiled_fit_retraces_for_a_smaller_last_batch():
+def test_compiled_fit_retraces_for_a_smaller_last_batch(monkeypatch):
+    monkeypatch.setattr("pyro_elbo.fast.DEFAULT_BACKEND", "eager")  # the captured graph as is
     data = torch.linspace(-2, 3, 20)
 
     def model(x):
@@ -196,18 +198,24 @@ def test_compiled_fit_retraces_for_a_smaller_last_batch():
         result = fit(model, AutoNormal(model), data=batches, loss=ELBO(2), num_steps=30,
                      seed=1, progress=False, compile=compiled)
         runs.append(result.losses)
-        assert result.compiled is compiled
+        assert bool(result.compiled) is compiled
     assert abs(runs[0] - runs[1]).max() < 1e-4 * abs(runs[0]).max()
 
 
-def test_compiled_fit_falls_back_on_non_tensor_arguments():
-    def model(scale):
+def test_compiled_fit_takes_plain_constants_and_falls_back_on_other_arguments(monkeypatch):
+    monkeypatch.setattr("pyro_elbo.fast.DEFAULT_BACKEND", "eager")  # the capture is what counts
+
+    def model(scale, names=None):
         pyro.sample("x", dist.Normal(pyro.sample("loc", dist.Normal(0.0, scale)), 1.0),
                     obs=torch.tensor(1.0))
 
-    with pytest.warns(UserWarning, match=r"must all be tensors to be traced \(got \['float'\]\)"):
-        result = fit(model, AutoNormal(model), 2.0, num_steps=3, progress=False, compile=True)
-    assert not result.compiled
+    result = fit(model, AutoNormal(model), 2.0, num_steps=3, progress=False, compile=True)
+    assert result.compiled  # a float is a constant of the graph (one graph per value)
+    pyro.clear_param_store()
+    with pytest.warns(UserWarning, match=r"argument 'names' is a list: only tensors and plain"):
+        result = fit(model, AutoNormal(model), 2.0, names=["a"], num_steps=3, progress=False,
+                     compile=True)
+    assert not result.compiled and "is a list" in result.compiled.reason
 
 
 def test_the_density_check_runs_after_the_laplace_stage():

@@ -451,7 +451,7 @@ def test_other_settings():
         fit(normal_model, normal_guide, progress=False, convergence="fast")
     with pytest.raises(ValueError, match="pass max_steps=... instead of num_steps"):
         fit(normal_model, normal_guide, num_steps=5, progress=False, convergence="relative")
-    with pytest.raises(TypeError, match="compile must be True or False"):
+    with pytest.raises(TypeError, match="compile must be True, False or 'auto'"):
         fit(normal_model, normal_guide, num_steps=5, progress=False, compile="yes")
     with pytest.raises(ValueError, match="init must be 'auto'"):
         fit(normal_model, normal_guide, num_steps=5, progress=False, init="map")

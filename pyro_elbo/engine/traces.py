@@ -13,7 +13,12 @@ from pyro.poutine.util import site_is_subsample
 
 from pyro_elbo.engine.validation import explain_replay_failure
 
-__all__ = ["messenger_guide_trace", "trace_pair"]
+__all__ = ["is_messenger", "messenger_guide_trace", "trace_pair"]
+
+
+def is_messenger(guide) -> bool:
+    """Whether ``guide`` (possibly wrapped in handlers) is an effect-based guide."""
+    return isinstance(poutine.unwrap(guide), GuideMessenger)
 
 
 def trace_pair(model, guide, args, kwargs, user=None):
@@ -31,7 +36,13 @@ def trace_pair(model, guide, args, kwargs, user=None):
     messenger = poutine.unwrap(user[1])
     if isinstance(messenger, GuideMessenger):
         guide(*args, **kwargs)
-        model_trace, _ = messenger.get_traces()
+        pruned_model_trace, _ = messenger.get_traces()
+        model_trace = poutine.Trace()  # with the plates' subsample sites, as a replayed model's
+        for name, site in messenger.trace.nodes.items():
+            if site_is_subsample(site):
+                model_trace.add_node(name, **site)
+            elif name in pruned_model_trace.nodes:
+                model_trace.add_node(name, **pruned_model_trace.nodes[name])
         return model_trace, messenger_guide_trace(messenger)
     guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
     return _replay_model(model, guide_trace, user, args, kwargs), guide_trace

@@ -122,9 +122,15 @@ def _check_traces(model_trace, guide_trace, allow_enumeration, strict):
                     f"model site {name!r} is enumerated; this objective cannot sum it out. "
                     "Use pyro.infer.TraceEnum_ELBO, or sample the site in the guide."
                 )
+            extra = [
+                n
+                for n, s in guide_sites.items()
+                if n not in model_sites and not s["infer"].get("is_auxiliary")
+            ]
+            hint = f" (the guide samples {extra}, which the model lacks: misspelt?)" if extra else ""
             raise ModelGuideMismatchError(
-                f"latent site {name!r} of the model is missing from the guide, so it would be "
-                "drawn from the prior and its density left out of the bound. Add a "
+                f"latent site {name!r} of the model is missing from the guide{hint}, so it would "
+                "be drawn from the prior and its density left out of the bound. Add a "
                 f"pyro.sample({name!r}, ...) statement to the guide (or use an autoguide)."
             )
         guide_scale, model_scale = guide_sites[name]["scale"], site["scale"]

@@ -4,10 +4,18 @@
 and a Laplace stage before step 1 (:mod:`.initial`), checks before step 1 (:mod:`.preflight`),
 automatic
 convergence (:mod:`.convergence`), a NaN/inf guard, crash-safe checkpoints with exact resume
-(:mod:`.checkpoint`), a progress bar and callbacks, and returns a :class:`FitResult`.
+(:mod:`.checkpoint`; the path checked and locked, :mod:`.location`; the run's identity compared on
+resume, :mod:`.identity`; signals handled between steps, :mod:`.interrupt`), a progress bar and callbacks, and returns a :class:`FitResult`.
 """
 
-from pyro_elbo.fit.checkpoint import CheckpointError, CheckpointMismatchError
+from pyro_elbo.fit.checkpoint import (
+    CheckpointError,
+    CheckpointLockedError,
+    CheckpointMismatchError,
+    CheckpointPathError,
+    CheckpointWriteError,
+    ResumeNotice,
+)
 from pyro_elbo.fit.convergence import (
     AutoConvergence,
     ConvergenceRule,
@@ -15,6 +23,7 @@ from pyro_elbo.fit.convergence import (
     effective_sample_size,
     split_rhat,
 )
+from pyro_elbo.fit.identity import ZeroLearningRateWarning
 from pyro_elbo.fit.initial import LaplaceStage
 from pyro_elbo.fit.loop import FitResult, FitState, NonFiniteError, fit
 from pyro_elbo.fit.preflight import PlateMismatchError, SupportMismatchError
@@ -22,7 +31,10 @@ from pyro_elbo.fit.preflight import PlateMismatchError, SupportMismatchError
 __all__ = [
     "AutoConvergence",
     "CheckpointError",
+    "CheckpointLockedError",
     "CheckpointMismatchError",
+    "CheckpointPathError",
+    "CheckpointWriteError",
     "ConvergenceRule",
     "FitResult",
     "FitState",
@@ -30,7 +42,9 @@ __all__ = [
     "NonFiniteError",
     "PlateMismatchError",
     "RelativeTolerance",
+    "ResumeNotice",
     "SupportMismatchError",
+    "ZeroLearningRateWarning",
     "effective_sample_size",
     "fit",
     "split_rhat",

@@ -20,6 +20,8 @@ PYRO_FILTERWARNINGS = pytest.mark.filterwarnings(
     "ignore:__floordiv__ is deprecated:UserWarning",
     "ignore:floor_divide is deprecated:UserWarning",
     "ignore:torch.tensor results are registered as constants in the trace",
+    # pyro_elbo's first-call check (main): Pyro's tests use models without observations
+    "ignore::pyro_elbo.fit.data_checks.NoObservationsWarning",
 )
 
 
