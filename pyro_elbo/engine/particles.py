@@ -30,24 +30,31 @@ from dataclasses import dataclass, field
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.util import detach as detach_distribution
+from pyro.distributions import MaskedDistribution
 from pyro.distributions.util import is_identically_zero, scale_and_mask
-from pyro.infer.autoguide import (
-    AutoDiagonalNormal,
-    AutoLowRankMultivariateNormal,
-    AutoMultivariateNormal,
-    AutoNormal,
-)
 from pyro.poutine.util import prune_subsample_sites
 
-from pyro_elbo.engine.handlers import BetaScale, DetachParams, DetachSamples, detached_parameters
-from pyro_elbo.engine.validation import (
-    check_traces,
-    explain_replay_failure,
-    require_detachable_guide,
+from pyro_elbo.engine.detach import (
+    GAUSSIAN_AUTOGUIDES,
+    detach_auxiliary_sites,
+    graph_leaves,
+    log_q_with_constant_params,
+    path_derivative_unavailable,
 )
+from pyro_elbo.engine.handlers import BetaScale, DetachSamples
+from pyro_elbo.engine.traces import trace_pair
+from pyro_elbo.engine.validation import check_traces
 
-__all__ = ["PARTICLE_PLATE", "Particles", "SiteTerms", "guess_plate_nesting", "run_particles"]
+__all__ = [
+    "PARTICLE_PLATE",
+    "Particles",
+    "SiteTerms",
+    "guess_plate_nesting",
+    "log_q_with_constant_params",
+    "path_derivative_unavailable",
+    "run_particles",
+    "trace_pair",
+]
 
 #: Name of the outer plate that vectorizes particles.
 PARTICLE_PLATE = "_pyro_elbo_particles"
@@ -63,18 +70,21 @@ class SiteTerms:
     * ``log_prob_unscaled``: masked, not scaled;
     * ``log_prob_detached``: (guide sites, when recorded) log q with the guide's parameters held
       constant, scaled and masked;
-    * ``score_function``: (guide sites without ``rsample``) the score-function part, else ``None``.
+    * ``score_function``: (guide sites without ``rsample``) the score-function part, else ``None``;
+    * ``carries_density``: False for a site whose log-density is 0 by construction (a
+      ``pyro.deterministic`` site, a site masked with ``False``).
     """
 
-    def __init__(self, name, nodes, aligner, *, is_guide, detached_nodes=None):
+    def __init__(self, name, nodes, aligner, *, is_guide, detached_log_probs=None):
         first = nodes[0]
         self.name = name
         self.frames = frozenset(f for f in first["cond_indep_stack"] if f.name != PARTICLE_PLATE)
         self.scale = first["scale"]
         self.is_observed = bool(first["is_observed"])
         self.is_auxiliary = bool(first["infer"].get("is_auxiliary", False))
+        self.carries_density = not _zero_density(first)
         self._nodes, self._align, self._is_guide = nodes, aligner, is_guide
-        self._detached_nodes = detached_nodes
+        self._detached_log_probs = detached_log_probs
         self._cache = {}
         if is_guide:
             self._raw_log_prob = [n["score_parts"].log_prob for n in nodes]
@@ -104,9 +114,9 @@ class SiteTerms:
 
     @property
     def log_prob_detached(self) -> torch.Tensor | None:
-        if self._detached_nodes is None:
+        if self._detached_log_probs is None:
             return None
-        return self._aligned("detached", lambda: [n["log_prob"] for n in self._detached_nodes])
+        return self._aligned("detached", lambda: self._detached_log_probs)
 
     @property
     def score_function(self) -> torch.Tensor | None:
@@ -182,30 +192,35 @@ class Particles:
             return torch.zeros(self.num_particles)
         return total
 
-    def params(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Unconstrained leaf tensors of the ``pyro.param`` sites seen, split by model and guide."""
-        split = {}
-        for role, traces in (("guide", self.guide_traces), ("model", self.model_traces)):
-            leaves = {}
-            for trace in traces:
-                for name, site in trace.nodes.items():
-                    if site["type"] == "param" and name not in leaves:
-                        value = site["value"]
-                        unconstrained = getattr(value, "unconstrained", None)
-                        leaf = unconstrained() if unconstrained is not None else value
-                        if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
-                            leaves[name] = leaf
-            split[role] = leaves
-        # A parameter used by both programs is credited to the guide.
-        split["model"] = {n: p for n, p in split["model"].items() if n not in split["guide"]}
-        return split
+    def model_leaves(self) -> list[torch.Tensor]:
+        """The trainable tensors log p depends on other than through the guide's draws.
+
+        Found by what log p's autograd graph reaches, not by ``pyro.param`` sites, so it covers
+        ``pyro.param``, ``pyro.module``, ``PyroModule`` (also with ``module_local_params``) and a
+        plain ``nn.Module`` the model calls.  The guide's graph (its draws and log q) is walked
+        first and left out, so a tensor both programs use counts as the guide's.
+        """
+        seen: set = set()
+        guide_roots = []
+        for trace in self.guide_traces:
+            for node in trace.nodes.values():
+                if node["type"] == "sample":
+                    guide_roots.append(node["value"])
+                    guide_roots.append(node["score_parts"].log_prob)
+        graph_leaves(guide_roots, seen)
+        model_roots = [
+            node["log_prob"]
+            for trace in self.model_traces
+            for node in trace.nodes.values()
+            if node["type"] == "sample"
+        ]
+        return graph_leaves(model_roots, seen)
 
 
 def guess_plate_nesting(model, guide, args, kwargs) -> int:
     """The deepest vectorized plate dim used by model or guide (one unvectorized run)."""
     with poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = _replay_model(model, guide_trace, (model, guide), args, kwargs)
+        model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
     dims = [
         frame.dim
         for trace in (guide_trace, model_trace)
@@ -234,8 +249,9 @@ def run_particles(
     """Run ``guide`` and ``model`` for ``num_particles`` particles and collect per-site terms.
 
     ``plate_nesting`` is the model's plate nesting P; the particle plate goes at ``dim=-(P+1)``.
-    With ``detach_params=True`` the guide is replayed a second time (hidden from SVI by
-    ``poutine.block``) with its parameters held constant, giving ``log_prob_detached``.
+    With ``detach_params=True`` each guide site also gets ``log_prob_detached``, log q with the
+    guide's parameters held constant (:mod:`pyro_elbo.engine.detach`: the guide replayed once
+    more on its detached draws, hidden from SVI; no replay for Pyro's Gaussian autoguides).
     With ``detach_samples=True`` the guide's samples are cut from the graph (the score-function
     estimator).  With ``beta != 1`` the scale of every latent site is multiplied by ``beta``.
     ``validate=True`` checks the structure of the pair first (see :mod:`.validation`).
@@ -251,12 +267,14 @@ def run_particles(
     if vectorize:
         plate = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(plate_nesting + 1))
     pairs = [
-        _trace_pair(model, guide, user, args, kwargs, detach_params, plate, validate, detach)
+        _trace_pair(
+            model, guide, user, args, kwargs, detach_params, plate, validate, detach, plate_nesting
+        )
         for _ in range(1 if vectorize else num_particles)
     ]
     model_traces = [p[0] for p in pairs]
     guide_traces = [p[1] for p in pairs]
-    detached_traces = [p[2] for p in pairs]
+    detached = [p[2] for p in pairs]
     align = _Aligner(num_particles, plate_nesting, vectorize)
     model_sites = {
         name: SiteTerms(name, [t.nodes[name] for t in model_traces], align, is_guide=False)
@@ -269,7 +287,7 @@ def run_particles(
             [t.nodes[name] for t in guide_traces],
             align,
             is_guide=True,
-            detached_nodes=[t.nodes[name] for t in detached_traces] if detach_params else None,
+            detached_log_probs=[d[name] for d in detached] if detach_params else None,
         )
         for name, site in guide_traces[0].nodes.items()
         if site["type"] == "sample"
@@ -289,87 +307,37 @@ def run_particles(
     )
 
 
-def _trace_pair(model, guide, user, args, kwargs, detach_params, plate, validate, detach):
+def _trace_pair(
+    model, guide, user, args, kwargs, detach_params, plate, validate, detach, plate_nesting
+):
     user_model, user_guide = user
     if plate is not None:
         model, guide = plate(model), plate(guide)
     if detach is not None:
         # outside poutine.trace, so the trace records the detached samples
         with detach:
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace, guide_trace = trace_pair(model, guide, args, kwargs, user)
     else:
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    model_trace = _replay_model(model, guide_trace, user, args, kwargs)
+        model_trace, guide_trace = trace_pair(model, guide, args, kwargs, user)
     if validate:
-        check_traces(model_trace, guide_trace)
-        if detach_params:
-            require_detachable_guide(user_guide, guide_trace)
-    detached_trace = None
+        nesting = plate_nesting + (1 if plate is not None else 0)
+        check_traces(model_trace, guide_trace, max_plate_nesting=nesting)
     full_guide_trace, guide_trace = guide_trace, prune_subsample_sites(guide_trace)
+    # the live log q first: the replay below must not leave its values in a transform's cache
+    guide_trace.compute_score_parts()
+    detached = None
     if detach_params:
         if type(user_guide) in GAUSSIAN_AUTOGUIDES:
-            detached_trace = _detach_auxiliary_sites(guide_trace)
+            shortcut = detach_auxiliary_sites(guide_trace)
+            shortcut.compute_log_prob()
+            detached = {n: node["log_prob"] for n, node in shortcut.nodes.items()}
         else:
-            # Replay the guide on the same (still differentiable) samples with every parameter
-            # detached: log q then depends on phi only through the sample path.
-            # (the unpruned trace: the replay must reuse the subsample indices too)
-            replayed = poutine.replay(DetachParams()(guide), trace=full_guide_trace)
-            with poutine.block(), detached_parameters(user_guide):
-                detached_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
-            detached_trace = prune_subsample_sites(detached_trace)
-        detached_trace.compute_log_prob()
+            detached = log_q_with_constant_params(
+                guide, full_guide_trace, guide_trace, user_guide, args, kwargs
+            )
     model_trace = prune_subsample_sites(model_trace)
     model_trace.compute_log_prob()
-    guide_trace.compute_score_parts()
-    return model_trace, guide_trace, detached_trace
-
-
-#: autoguides whose auxiliary sites' distributions depend on the parameters only (never on other
-#: samples): for them the parameter-detached log q needs no second guide pass
-GAUSSIAN_AUTOGUIDES = (
-    AutoNormal,
-    AutoDiagonalNormal,
-    AutoMultivariateNormal,
-    AutoLowRankMultivariateNormal,
-)
-
-
-def _detach_auxiliary_sites(guide_trace):
-    """The guide trace with every auxiliary site's distribution detached from the parameters,
-    the samples untouched: what the parameter-detached replay gives for
-    :data:`GAUSSIAN_AUTOGUIDES`, without running the guide again.
-
-    Exact for these guides only: their auxiliary sites (``<site>_unconstrained`` of AutoNormal,
-    ``_<Guide>_latent`` of the others) are Normal/MultivariateNormal/LowRankMultivariateNormal
-    whose parameters are the guide's parameters, so detaching the distribution holds exactly
-    the parameters constant.  Their other sites are ``Delta(T(u), log_density=Jacobian)``: their
-    log-density depends on the sample ``u`` alone and stays on the path, as it must (detaching
-    *those* distributions would drop the Jacobian's path gradient, which is biased).
-    """
-    detached = poutine.Trace()
-    for name, node in guide_trace.nodes.items():
-        if node["type"] != "sample":
-            continue
-        copy = {k: v for k, v in node.items() if k not in _LOG_PROB_KEYS}
-        if node["infer"].get("is_auxiliary"):
-            copy["fn"] = detach_distribution(node["fn"])
-        detached.add_node(name, **copy)
-    return detached
-
-
-_LOG_PROB_KEYS = ("log_prob", "log_prob_sum", "unscaled_log_prob", "score_parts")
-
-
-def _replay_model(model, guide_trace, user, args, kwargs):
-    """Trace ``model`` replayed on ``guide_trace``; a failure caused by a guide whose site shapes
-    differ from the model's becomes an error that names the site."""
-    try:
-        return poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    except Exception as error:
-        explained = explain_replay_failure(*user, args, kwargs, error)
-        if explained is not None:
-            raise explained from error
-        raise
+    return model_trace, guide_trace, detached
 
 
 class _Aligner:
@@ -392,15 +360,30 @@ class _Aligner:
     def _pad(self, name, t, ndim):
         if not isinstance(t, torch.Tensor):
             t = torch.as_tensor(t)
+        if t.dim() > ndim and all(size == 1 for size in t.shape[: t.dim() - ndim]):
+            t = t.reshape(t.shape[t.dim() - ndim :])  # a size-1 batch dim without a plate
         if t.dim() > ndim:
             raise ValueError(
-                f"site {name!r}: its log-density has shape {tuple(t.shape)}, with more batch dims "
+                f"site {name!r}: invalid log_prob shape {tuple(t.shape)}, with more batch dims "
                 f"than the {self.P} plate dim(s) of the model. Declare every batch dim with a "
                 "pyro.plate (or .to_event() for event dims), or pass max_plate_nesting."
             )
         if t.dim() < ndim:
             t = t.reshape((1,) * (ndim - t.dim()) + t.shape)
         return t
+
+
+def _zero_density(node) -> bool:
+    """Whether a site's log-density is 0 by construction: a ``pyro.deterministic`` site, or one
+    masked with ``False`` (``poutine.mask(mask=False)``, ``fn.mask(False)``)."""
+    if node["infer"].get("_deterministic") or node["mask"] is False:
+        return True
+    fn = node["fn"]
+    while isinstance(fn, MaskedDistribution):
+        if fn._mask is False:
+            return True
+        fn = fn.base_dist
+    return False
 
 
 def _masked_unscaled(node, is_guide):

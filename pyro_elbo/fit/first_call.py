@@ -62,14 +62,12 @@ def _forked_rng():
 
 def check_after_first_call(objective, model, guide, args, kwargs) -> None:
     """:func:`~pyro_elbo.fit.preflight.check_pair` on one blocked draw of the pair."""
+    from pyro_elbo.engine.traces import trace_pair
     from pyro_elbo.fit.preflight import check_pair
 
     try:
         with _forked_rng(), poutine.block(), torch.no_grad():
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                *args, **kwargs
-            )
+            model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
     except Exception:  # the objective's call succeeded: a draw that fails here is not ours
         return
     check_pair(model_trace, guide_trace, args, kwargs)

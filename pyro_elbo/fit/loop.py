@@ -57,6 +57,7 @@ from pyro_elbo.fit import checkpoint as ckpt
 from pyro_elbo.fit.compiling import Compiler, CompileStatus
 from pyro_elbo.fit.convergence import fisher_diagonal, fisher_seed, make_rule
 from pyro_elbo.fit.initial import LaplaceStage, check_init, default_optimizer, run_laplace
+from pyro_elbo.fit.params import ParamIndex
 from pyro_elbo.fit.preflight import (
     check_has_params,
     check_initial_density,
@@ -108,7 +109,8 @@ class FitResult:
     * ``compiled``: whether the steps ran on the compiled fast path (true or false), and
       ``compiled.reason``: which path and why (:class:`~pyro_elbo.fit.compiling.CompileStatus`);
     * ``num_evaluations``: log-joint gradient evaluations made, particles included (for
-      ``method="svi"``: the Laplace stage's plus steps x particles).
+      ``method="svi"``: the Laplace stage's plus steps x particles);
+    * ``defaults``: the objective ``fit`` chose when ``loss`` was not given, and why ("" else).
     """
 
     losses: np.ndarray
@@ -126,6 +128,7 @@ class FitResult:
     init: object = None
     compiled: object = False
     num_evaluations: int = 0
+    defaults: str = ""
 
     def __repr__(self):
         last = f", final loss {self.losses[-1]:.6g}" if len(self.losses) else ""
@@ -150,7 +153,7 @@ class FitState:
     ``status`` (the convergence status), ``objective``, ``optimizer`` and ``params`` (a dict of
     the constrained parameter values).  A callback that returns ``True`` stops the run."""
 
-    __slots__ = ("step", "loss", "losses", "objective", "optimizer", "_rule", "_names")
+    __slots__ = ("step", "loss", "losses", "objective", "optimizer", "_rule", "_names", "_store")
 
     def __init__(self, losses, objective, optimizer, rule, names):
         self.step, self.loss, self.losses = 0, float("nan"), losses
@@ -162,7 +165,7 @@ class FitState:
 
     @property
     def params(self) -> dict:
-        store = pyro.get_param_store()
+        store = getattr(self, "_store", None) or pyro.get_param_store()
         return {name: store[name] for name in self._names}
 
 
@@ -563,7 +566,9 @@ def fit(
     :param loss: the objective: any pyro_elbo objective, or a Pyro ELBO (``Trace_ELBO()``,
         ``TraceEnum_ELBO(max_plate_nesting=...)``...).  Default
         :func:`pyro_elbo.init.recommended_objective`: ``ELBO(4, estimator="stl")``
-        (``estimator="reparam"`` when the guide has a site without ``rsample``).
+        (``estimator="reparam"`` when the guide has a site without ``rsample`` or its log q
+        cannot hold its parameters constant, e.g. a flow without an inverse; said in
+        ``result.defaults``).
     :param optim: ``pyro.optim.Adam({...})`` (any ``PyroOptim``), a torch optimizer class or
         ``functools.partial`` of one (built over all parameters), or a constructed torch
         optimizer holding them.  Default: :func:`pyro_elbo.init.conditioning.whitened_optim`
@@ -720,7 +725,7 @@ class _Run:
             check_initial_density(model, guide, args, kwargs, preflight=pre)
         if self.optim is None:
             self.optim = default_optimizer(self.stage, guide)
-        store = self.store = pyro.get_param_store()
+        store = self.store = ParamIndex(pyro.get_param_store())  # + module-local parameters
         names = self._initial_evaluation(sorted({*pre.guide_params, *pre.model_params}, key=str))
         leaves = [store[name].unconstrained() for name in names]
         keep = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
@@ -739,14 +744,13 @@ class _Run:
 
     def _choose_defaults(self, args, kwargs):
         """The recommended guide and objective where the user gave none."""
-        from pyro_elbo.init.defaults import recommended_guide, recommended_objective
+        from pyro_elbo.init.defaults import recommended_guide, recommended_objective_and_reason
 
         if self.guide is None:
             self.guide = recommended_guide(self.model, *args, **kwargs)
         if self.objective is None:
-            self.objective = check_objective(
-                recommended_objective(self.guide, *args, **kwargs)
-            )
+            objective, self.defaults = recommended_objective_and_reason(self.guide, *args, **kwargs)
+            self.objective = check_objective(objective)
 
     def _initial_evaluation(self, names):
         """Evaluate the objective once: it runs its lazy set-up (plate guessing, validation) now,
@@ -769,6 +773,7 @@ class _Run:
                             raise
                         value = float("nan")
             if math.isfinite(value):
+                self.store.add(capture.trace)
                 found = {*names, *capture.trace.nodes}
                 return [n for n in sorted(found, key=str) if n in self.store]
             if attempt == self.skip_nonfinite:
@@ -902,6 +907,7 @@ class _Run:
         target, skip_limit = self.target, self.skip_nonfinite
         args, kwargs = self.call
         state = FitState(losses, objective, self.opt.optimizer, rule, self.names)
+        state._store = store
         bar = _progress_bar(self.show, target, self.step)
         num_in_store = len(store)
         finite = math.isfinite
@@ -1055,6 +1061,7 @@ class _Run:
             init=getattr(self, "stage", LaplaceStage()),
             compiled=self.compiler.status if hasattr(self, "compiler") else CompileStatus(False, ""),
             num_evaluations=self._num_evaluations(),
+            defaults=getattr(self, "defaults", ""),
         )
 
     def _num_evaluations(self) -> int:

@@ -46,6 +46,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to, constraints
 
+from pyro_elbo.engine.traces import is_messenger, trace_pair
 from pyro_elbo.engine.validation import (
     ModelGuideMismatchError,
     check_traces,
@@ -181,9 +182,11 @@ def handles_enumeration(objective) -> bool:
 def _pathwise_only(objective) -> str | None:
     """A description of the objective if its gradient needs every guide site reparameterized."""
     from pyro_elbo.objectives.cubo import CUBO
+    from pyro_elbo.objectives.iwelbo import IWELBO
 
     estimator = getattr(objective, "estimator", None)
-    if estimator in ("stl", "dreg"):
+    # ELBO's STL gives such sites their score-function terms, as Trace_ELBO does
+    if isinstance(objective, IWELBO) and estimator in ("stl", "dreg"):
         return f"{type(objective).__name__}(estimator={estimator!r})"
     if isinstance(objective, CUBO):
         return "CUBO"
@@ -208,16 +211,17 @@ def check_model_guide(model, guide, objective, args, kwargs, check_density=True)
     ``check_density=False`` leaves the finite-log-density check of the draw to the caller
     (``fit`` runs it after its Laplace stage, which may move the guide to where it is finite)."""
     with poutine.block():
-        try:
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        try:  # an AutoMessenger guide runs the model itself: one run gives both traces
+            both = trace_pair(model, guide, args, kwargs) if is_messenger(guide) else None
+            guide_trace = both[1] if both else poutine.trace(guide).get_trace(*args, **kwargs)
         except Exception as error:
             raise_for_data(error, args, kwargs)
             _note(error, "raised by the guide in fit's check before step 1")
             raise
         try:
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                *args, **kwargs
-            )
+            model_trace = both[0] if both else poutine.trace(
+                poutine.replay(model, trace=guide_trace)
+            ).get_trace(*args, **kwargs)
         except Exception as error:
             explained = explain_replay_failure(model, guide, args, kwargs, error)
             if explained is not None:
@@ -232,6 +236,7 @@ def check_model_guide(model, guide, objective, args, kwargs, check_density=True)
         _without_enumerated(model_trace, guide_trace, enumerating),
         guide_trace,
         allow_enumeration=enumerating,
+        strict=True,  # fit refuses a guide site the model lacks (Trace_ELBO only warns)
     )
     model_sites = _sample_sites(model_trace)
     guide_sites = _sample_sites(guide_trace)
@@ -429,8 +434,9 @@ def _check_supports(model_sites, guide_sites):
         guide_fn, model_fn = guide_site["fn"], model_site["fn"]
         value = guide_site["value"]
         outer = model_fn.support
-        if isinstance(_base(guide_fn), pyro.distributions.Delta):
-            # autoguides sample Delta(T(u)): the support is nominal, the value is what counts
+        if isinstance(_base(guide_fn), pyro.distributions.Delta) or "prior" in guide_site["infer"]:
+            # autoguides sample Delta(T(u)), AutoMessenger guides T(Normal) with a T whose
+            # nominal codomain is Real: the support is nominal, the value is what counts
             inside = _inside(outer, value)
             if inside is not None and not inside:
                 raise SupportMismatchError(
