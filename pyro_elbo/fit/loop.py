@@ -52,6 +52,7 @@ import torch
 
 from pyro_elbo.fit import checkpoint as ckpt
 from pyro_elbo.fit.convergence import fisher_diagonal, fisher_seed, make_rule
+from pyro_elbo.fit.escalate import check_reparam, escalating_fit, noncentered
 from pyro_elbo.fit.initial import LaplaceStage, check_init, default_optimizer, run_laplace
 from pyro_elbo.fit.preflight import (
     check_has_params,
@@ -99,7 +100,11 @@ class FitResult:
       (the recommended ones when ``fit`` chose them);
     * ``init``: what the stage before step 1 did (a :class:`~pyro_elbo.fit.initial.LaplaceStage`:
       ``.ran``, ``.result``, ``.message``, ``.seconds``);
-    * ``compiled``: whether the steps ran on the compiled fast path.
+    * ``compiled``: whether the steps ran on the compiled fast path;
+    * ``stages``, ``khat``, ``resample``: for ``fit(model, None, ...)``, what each stage of the
+      escalation did (:class:`~pyro_elbo.fit.escalate.Stage`), the returned guide's PSIS k-hat,
+      and ``"psis"`` when its draws are importance-resampled (:mod:`.escalate`);
+    * ``model``: the model fitted (``reparam="noncentered"``: the rewritten one).
     """
 
     losses: np.ndarray
@@ -115,6 +120,17 @@ class FitResult:
     optim: object = None
     init: object = None
     compiled: bool = False
+    stages: list = field(default_factory=list)
+    khat: float = math.nan
+    resample: str | None = None
+    model: object = None
+
+    def to_inference_data(self, *args, num_samples: int = 1000, **kwargs):
+        """ArviZ data from the fitted guide (:func:`pyro_elbo.to_inference_data`), PSIS-
+        resampled when ``self.resample == "psis"``; ``args`` are the model's arguments."""
+        from pyro_elbo.fit.escalate import to_inference_data
+
+        return to_inference_data(self, *args, num_samples=num_samples, **kwargs)
 
     def __repr__(self):
         last = f", final loss {self.losses[-1]:.6g}" if len(self.losses) else ""
@@ -562,6 +578,8 @@ def fit(
     data=None,
     skip_nonfinite: int = 0,
     init="auto",
+    escalate: bool = True,
+    reparam=None,
     **kwargs,
 ) -> FitResult:
     """Fit ``guide`` to ``model`` by stochastic optimization of ``loss``; see the module doc.
@@ -606,12 +624,29 @@ def fit(
         (:func:`pyro_elbo.init.laplace_init`) when the guide is an autoguide it knows and the
         data are not minibatched, else skipped; ``"laplace"``: the same, or an error saying why
         not; ``None``: start from the guide as it is (e.g. to continue an earlier fit).
+    :param bool escalate: with ``guide=None`` (and no ``loss``, ``optim``, ``data`` or
+        ``checkpoint``): fit the Gaussian, check its PSIS k-hat, continue with a flow guide when
+        k-hat >= 0.5, and mark the draws for PSIS resampling (:mod:`.escalate`;
+        ``result.stages`` says what ran and why).  ``False``: one Gaussian run.
+    :param reparam: ``"noncentered"``: fit the model rewritten by
+        :class:`pyro.infer.reparam.LocScaleReparam` on every latent location-scale site (the
+        cure for a funnel; ``result.model`` is the rewritten model); default ``None``.
     :returns: a :class:`FitResult`.
 
     A ``KeyboardInterrupt`` ends the run early: the state reached is checkpointed and returned.
     """
     started = time.perf_counter()
     check_init(init)
+    if check_reparam(reparam) is not None:
+        model = noncentered(model)
+    if escalate and guide is None and loss is None and optim is None and data is None \
+            and checkpoint is None:
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        options = dict(num_steps=num_steps, progress=progress, convergence=convergence,
+                       callbacks=callbacks, compile=compile, skip_nonfinite=skip_nonfinite,
+                       init=init, **({} if max_steps == 10_000 else {"max_steps": max_steps}))
+        return escalating_fit(fit, model, args, kwargs, options)
     if not isinstance(compile, bool):
         raise TypeError(f"fit: compile must be True or False, got {compile!r}")
     check_steps(num_steps, max_steps, checkpoint_every, skip_nonfinite)
@@ -1007,6 +1042,7 @@ class _Run:
             optim=self.opt.optimizer,
             init=getattr(self, "stage", LaplaceStage()),
             compiled=bool(getattr(self, "compiled", False)),
+            model=self.model,
         )
 
 
