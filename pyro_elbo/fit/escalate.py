@@ -100,8 +100,8 @@ _LOC_SCALE = (dist.Normal, dist.StudentT, dist.Cauchy, dist.Laplace)
 def _loc_scale_config(msg):
     from pyro.infer.reparam import LocScaleReparam
 
-    if msg["type"] != "sample" or msg["is_observed"]:
-        return None
+    if msg["type"] != "sample" or msg["is_observed"] or msg["name"].endswith("_decentered"):
+        return None  # (the site LocScaleReparam itself draws passes through here too)
     fn = msg["fn"]
     while isinstance(fn, (torch.distributions.Independent, dist.ExpandedDistribution)):
         fn = fn.base_dist

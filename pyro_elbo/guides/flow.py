@@ -41,11 +41,11 @@ import math
 
 import pyro.distributions as dist
 import torch
-from pyro.distributions.transforms import AffineCoupling, LowerCholeskyAffine, Permute
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
 from torch.distributions import constraints
+from torch.distributions.transforms import Transform
 
 __all__ = [
     "AutoRealNVP",
@@ -57,9 +57,9 @@ __all__ = [
 ]
 
 #: particles per step of the flow stage (Agrawal et al. 2020 use batches of 10-100+)
-FLOW_PARTICLES = 16
+FLOW_PARTICLES = 32
 #: the fixed Adam step of the flow stage (all parameters live in whitened coordinates)
-FLOW_LR = 2e-3
+FLOW_LR = 5e-3
 
 
 def gaussian_base(guide, *args, **kwargs):
@@ -77,21 +77,64 @@ def gaussian_base(guide, *args, **kwargs):
     return loc, torch.diag_embed(base.stddev.detach())
 
 
-class _CouplingNet:
-    """The shift and log-scale network of one coupling layer, as a function of parameter
-    tensors read through ``pyro.param`` (so a parameter-detached replay detaches them):
-    two ELU hidden layers, then a linear output ``(shift, log_scale)``."""
+def _coupling_net(x, w1, b1, w2, b2, w3, b3):
+    """Shift and log-scale of one coupling layer: two ELU hidden layers, a linear output, the
+    log-scale soft-clamped to (-4, 4) by ``4 tanh(s / 4)``."""
+    h = torch.nn.functional.elu(x @ w1.T + b1)
+    h = torch.nn.functional.elu(h @ w2.T + b2)
+    out = h @ w3.T + b3
+    split = out.shape[-1] // 2
+    return out[..., :split], 4.0 * torch.tanh(out[..., split:] / 4.0)
 
-    def __init__(self, w1, b1, w2, b2, w3, b3, split):
-        self.weights = (w1, b1, w2, b2, w3, b3)
-        self.split = split
 
-    def __call__(self, x):
-        w1, b1, w2, b2, w3, b3 = self.weights
-        h = torch.nn.functional.elu(x @ w1.T + b1)
-        h = torch.nn.functional.elu(h @ w2.T + b2)
-        out = h @ w3.T + b3
-        return out[..., : self.split], out[..., self.split :]
+class RealNVPTransform(Transform):
+    """The whole flow ``y = loc + L f_K(...f_1(x))`` as one transform over parameter tensors.
+
+    Layer ``k`` is ``(cond, rest, weights)``: ``y[rest] = x[rest] * exp(s(x[cond])) +
+    t(x[cond])``, ``y[cond] = x[cond]``.  The inverse is closed-form; the log-determinant of
+    the last forward or inverse call is kept with its ``(x, y)`` pair, so
+    ``TransformedDistribution.log_prob`` costs one pass of the networks.  Built afresh by
+    every ``get_posterior`` call, so nothing is cached across parameter values.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, layers, loc, scale_tril):
+        super().__init__(cache_size=1)
+        self.layers, self.loc, self.scale_tril = layers, loc, scale_tril
+        self._log_det = (None, None, None)
+
+    def _call(self, x):
+        log_det = 0.0
+        z = x
+        for cond, rest, weights in self.layers:
+            shift, log_scale = _coupling_net(z[..., cond], *weights)
+            z = z.index_copy(-1, rest, z[..., rest] * log_scale.exp() + shift)
+            log_det = log_det + log_scale.sum(-1)
+        y = self.loc + (self.scale_tril @ z.unsqueeze(-1)).squeeze(-1)
+        self._log_det = (x, y, log_det + self.scale_tril.diagonal().log().sum())
+        return y
+
+    def _inverse(self, y):
+        z = torch.linalg.solve_triangular(
+            self.scale_tril, (y - self.loc).unsqueeze(-1), upper=False
+        ).squeeze(-1)
+        log_det = self.scale_tril.diagonal().log().sum()
+        for cond, rest, weights in reversed(self.layers):
+            shift, log_scale = _coupling_net(z[..., cond], *weights)
+            z = z.index_copy(-1, rest, (z[..., rest] - shift) * (-log_scale).exp())
+            log_det = log_det + log_scale.sum(-1)
+        self._log_det = (z, y, log_det)
+        return z
+
+    def log_abs_det_jacobian(self, x, y):
+        x_old, y_old, log_det = self._log_det
+        if x is not x_old or y is not y_old:
+            self._call(x)
+            log_det = self._log_det[2]
+        return log_det
 
 
 def bit_masks(dim: int, num_layers: int) -> list:
@@ -165,12 +208,8 @@ class AutoRealNVP(AutoContinuous):
         hidden = hidden_dim or max(32, 2 * D)
         gen = torch.Generator().manual_seed(seed)
         self._layout, chunks, offset = [], [], 0
-        order = list(range(D))
         for cond in bit_masks(D, layers):
             rest = [i for i in range(D) if i not in cond]
-            new_order = cond + rest
-            perm = torch.tensor([order.index(i) for i in new_order])
-            order = new_order
             d1, d2 = len(cond), len(rest)
             shapes = [(hidden, d1), (hidden,), (hidden, hidden), (hidden,), (2 * d2, hidden),
                       (2 * d2,)]
@@ -181,33 +220,29 @@ class AutoRealNVP(AutoContinuous):
                 else:  # biases, and a zero output layer: the coupling starts as the identity
                     chunk = torch.zeros(shape, dtype=torch.float64)
                 chunks.append(chunk.reshape(-1))
-            self._layout.append((perm, d1, d2, offset, shapes))
+            self._layout.append((torch.tensor(cond), torch.tensor(rest), offset, shapes))
             offset += sum(math.prod(shape) for shape in shapes)
         # one flat parameter for every coupling network: one pyro.param read per guide call
         self.coupling_weights = torch.nn.Parameter(torch.cat(chunks).to(dtype))
-        self._final_perm = torch.tensor([order.index(i) for i in range(D)])
 
     def get_base_dist(self):
         zero = self.base_loc.new_zeros(())
         return dist.Normal(zero, 1.0).expand([self.latent_dim]).to_event(1)
 
     def get_transform(self, *args, **kwargs):
-        """The flow as a list of transforms, built afresh from the current parameter values."""
-        parts, weights = [], self.coupling_weights
-        for perm, d1, d2, offset, shapes in self._layout:
+        """The flow as one :class:`RealNVPTransform`, built afresh from the current parameter
+        values (read through ``pyro.param``: a parameter-detached replay detaches them)."""
+        weights, layers = self.coupling_weights, []
+        for cond, rest, offset, shapes in self._layout:
             tensors = []
             for shape in shapes:
                 size = math.prod(shape)
                 tensors.append(weights[offset : offset + size].reshape(shape))
                 offset += size
-            parts.append(Permute(perm))
-            parts.append(AffineCoupling(d1, _CouplingNet(*tensors, split=d2)))
-        parts.append(Permute(self._final_perm))
-        tril = self.scale_tril
+            layers.append((cond, rest, tensors))
         # u = m0 + L0 (a + T y) = (m0 + L0 a) + (L0 T) y
-        parts.append(LowerCholeskyAffine(self.base_loc + self.base_scale_tril @ self.shift,
-                                         self.base_scale_tril @ tril))
-        return parts
+        loc = self.base_loc + self.base_scale_tril @ self.shift
+        return RealNVPTransform(layers, loc, self.base_scale_tril @ self.scale_tril)
 
     def get_posterior(self, *args, **kwargs):
         return dist.TransformedDistribution(self.get_base_dist(), self.get_transform())
@@ -242,16 +277,17 @@ def _detached_flow(guide):
         return guide.get_posterior()
 
 
-def flow_objective(num_particles: int = FLOW_PARTICLES):
-    """The flow stage's objective: ``ELBO(num_particles, estimator="stl")``."""
+def flow_objective(num_particles: int | None = None):
+    """The flow stage's objective: ``ELBO(num_particles, estimator="stl")`` (default
+    :data:`FLOW_PARTICLES`)."""
     from pyro_elbo.objectives.elbo import ELBO
 
-    return ELBO(num_particles, estimator="stl")
+    return ELBO(num_particles or FLOW_PARTICLES, estimator="stl")
 
 
-def flow_optimizer(lr: float = FLOW_LR):
-    """The flow stage's optimizer: Adam with a fixed step ``lr`` (a ``functools.partial`` that
-    ``fit`` builds over every parameter)."""
+def flow_optimizer(lr: float | None = None):
+    """The flow stage's optimizer: Adam with a fixed step ``lr`` (default :data:`FLOW_LR`; a
+    ``functools.partial`` that ``fit`` builds over every parameter)."""
     import functools
 
-    return functools.partial(torch.optim.Adam, lr=lr)
+    return functools.partial(torch.optim.Adam, lr=lr or FLOW_LR)
