@@ -136,7 +136,7 @@ def test_one_latent_dimension_is_refused_with_a_reason():
 
 # ------------------------------------------------------------------ Neal's funnel (exact)
 
-FUNNEL_DIM = 3
+FUNNEL_DIM = 2
 
 
 def funnel():
@@ -162,7 +162,7 @@ def test_flow_fit_gets_the_funnels_log_scale_marginal_and_the_gaussian_does_not(
                    seed=0)
     pyro.clear_param_store()
     flow = fit(funnel, AutoRealNVP(funnel), loss=flow_objective(), optim=flow_optimizer(),
-               num_steps=1000,
+               num_steps=1500,
                progress=False, seed=0, init=None, skip_nonfinite=100)
     draws = {}
     for name, result in (("gaussian", gaussian), ("flow", flow)):
@@ -188,7 +188,7 @@ def test_escalation_stops_at_the_gaussian_on_a_gaussian_posterior():
     result = fit(model, None, y, max_steps=300, progress=False, seed=0)
     assert [s.name for s in result.stages] == ["gaussian"]
     assert isinstance(result.guide, AutoMultivariateNormal)
-    assert result.stages[0].khat < 0.5 and "holds the posterior" in result.stages[0].reason
+    assert result.stages[0].khat < 0.7 and "holds the posterior" in result.stages[0].reason
     assert result.resample == "psis"
     assert not any("AutoRealNVP" in name for name in pyro.get_param_store().keys())
 
@@ -200,16 +200,22 @@ def test_a_users_guide_is_never_replaced():
     assert result.guide is guide and result.stages == []
 
 
+def funnel10():
+    v = pyro.sample("v", dist.Normal(0.0, 3.0))
+    scale = torch.exp(v / 2)[..., None]
+    pyro.sample("x", dist.Normal(0.0, scale).expand(v.shape + (9,)).to_event(1))
+
+
 def test_escalation_continues_with_the_flow_on_a_funnel():
     from pyro_elbo.fit.escalate import escalating_fit
 
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    result = escalating_fit(fit, funnel, (), {}, {"max_steps": 500, "progress": False,
-                                                  "flow_steps": 300})
+    result = escalating_fit(fit, funnel10, (), {}, {"max_steps": 500, "progress": False,
+                                                    "flow_steps": 300})
     names = [s.name for s in result.stages]
     assert names == ["gaussian", "flow"]
-    assert result.stages[0].khat >= 0.5 and "continuing with a flow" in result.stages[0].reason
+    assert result.stages[0].khat >= 0.7 and "continuing with a flow" in result.stages[0].reason
     assert all(s.seconds > 0 for s in result.stages)
     assert result.stages[1].num_steps == 300
 

@@ -7,8 +7,9 @@ Stages (each recorded in ``result.stages`` as a :class:`Stage`: what ran, why, k
    (today: :func:`pyro_elbo.init.recommended_guide`, the Laplace stage and whitened Adam with
    the STL ELBO, stopped by ``fit``'s convergence rule; at most :data:`GAUSSIAN_MAX_STEPS`).
 2. **check**: PSIS k-hat of the fitted guide from :data:`KHAT_DRAWS` draws (Yao et al. 2018,
-   :func:`pyro_elbo.diagnostics.trust.diagnose`).  ``k-hat <`` :data:`ESCALATE_KHAT` (0.5):
-   the Gaussian holds the posterior and the run stops here.
+   :func:`pyro_elbo.diagnostics.trust.diagnose`).  ``k-hat <`` :data:`ESCALATE_KHAT` (0.7):
+   the Gaussian is close enough that its PSIS-resampled draws are reliable (Yao et al. 2018;
+   Vehtari et al. 2024, sec. 3), and the run stops here.
 3. **flow**: otherwise :class:`~pyro_elbo.guides.flow.AutoRealNVP` built on the Gaussian answer
    (it starts exactly there), trained with STL, :data:`~pyro_elbo.guides.flow.FLOW_PARTICLES`
    particles and a fixed Adam step for :data:`FLOW_STEPS` steps (Agrawal, Sheldon & Domke 2020);
@@ -53,8 +54,9 @@ __all__ = [
     "stage_khat",
 ]
 
-#: k-hat below which the Gaussian is kept (Yao et al. 2018: "good")
-ESCALATE_KHAT = 0.5
+#: k-hat below which the Gaussian is kept: PSIS-corrected estimates from it are reliable
+#: (Yao et al. 2018; Vehtari et al. 2024)
+ESCALATE_KHAT = 0.7
 #: draws for each stage's k-hat (the threshold for reliable PSIS is min(1 - 1/log10 S, 0.7))
 KHAT_DRAWS = 2000
 #: the most steps of the Gaussian stage (its convergence rule usually stops it sooner)
@@ -171,7 +173,8 @@ def escalating_fit(fit, model, args, kwargs, options):
     best, best_k = gaussian, k
     dim = latent_dim(model, *args, **kwargs)
     if k < ESCALATE_KHAT:
-        stages[0].reason = f"k-hat {k:.2f} < {ESCALATE_KHAT}: the Gaussian holds the posterior"
+        stages[0].reason = (f"k-hat {k:.2f} < {ESCALATE_KHAT}: the Gaussian holds the posterior "
+                            "(PSIS-resampled draws are reliable)")
     elif dim < 2 or dim > FLOW_MAX_DIM:
         stages[0].reason = (f"k-hat {_k(k)} >= {ESCALATE_KHAT}, but the flow stage needs 2 to "
                             f"{FLOW_MAX_DIM} latent dimensions (the model has {dim})")

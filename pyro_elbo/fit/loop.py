@@ -626,7 +626,7 @@ def fit(
         not; ``None``: start from the guide as it is (e.g. to continue an earlier fit).
     :param bool escalate: with ``guide=None`` (and no ``loss``, ``optim``, ``data`` or
         ``checkpoint``): fit the Gaussian, check its PSIS k-hat, continue with a flow guide when
-        k-hat >= 0.5, and mark the draws for PSIS resampling (:mod:`.escalate`;
+        k-hat >= 0.7, and mark the draws for PSIS resampling (:mod:`.escalate`;
         ``result.stages`` says what ran and why).  ``False``: one Gaussian run.
     :param reparam: ``"noncentered"``: fit the model rewritten by
         :class:`pyro.infer.reparam.LocScaleReparam` on every latent location-scale site (the
