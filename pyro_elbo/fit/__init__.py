@@ -1,7 +1,9 @@
 """``pyro_elbo.fit``: a fit loop users can trust.
 
 :func:`fit` runs stochastic VI with the recommended guide and objective where none is given
-and a Laplace stage before step 1 (:mod:`.initial`), checks before step 1 (:mod:`.preflight`),
+and a Laplace stage before step 1 (:mod:`.initial`), for ``guide=None`` an escalation from the
+Gaussian to a flow guide decided by PSIS k-hat (:mod:`.escalate`), checks before step 1
+(:mod:`.preflight`),
 automatic
 convergence (:mod:`.convergence`), a NaN/inf guard, crash-safe checkpoints with exact resume
 (:mod:`.checkpoint`), a progress bar and callbacks, and returns a :class:`FitResult`.
@@ -15,6 +17,7 @@ from pyro_elbo.fit.convergence import (
     effective_sample_size,
     split_rhat,
 )
+from pyro_elbo.fit.escalate import Stage
 from pyro_elbo.fit.initial import LaplaceStage
 from pyro_elbo.fit.loop import FitResult, FitState, NonFiniteError, fit
 from pyro_elbo.fit.preflight import PlateMismatchError, SupportMismatchError
@@ -30,6 +33,7 @@ __all__ = [
     "NonFiniteError",
     "PlateMismatchError",
     "RelativeTolerance",
+    "Stage",
     "SupportMismatchError",
     "effective_sample_size",
     "fit",
