@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions import MaskedDistribution
 from pyro.distributions.util import detach as detach_distribution
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer.autoguide import (
@@ -38,16 +39,25 @@ from pyro.infer.autoguide import (
     AutoMultivariateNormal,
     AutoNormal,
 )
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.guide import GuideMessenger
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
-from pyro_elbo.engine.handlers import BetaScale, DetachParams, DetachSamples, detached_parameters
+from pyro_elbo.engine.handlers import BetaScale, DetachSamples
 from pyro_elbo.engine.validation import (
     check_traces,
     explain_replay_failure,
-    require_detachable_guide,
 )
 
-__all__ = ["PARTICLE_PLATE", "Particles", "SiteTerms", "guess_plate_nesting", "run_particles"]
+__all__ = [
+    "PARTICLE_PLATE",
+    "Particles",
+    "SiteTerms",
+    "guess_plate_nesting",
+    "log_q_with_constant_params",
+    "path_derivative_unavailable",
+    "run_particles",
+    "trace_pair",
+]
 
 #: Name of the outer plate that vectorizes particles.
 PARTICLE_PLATE = "_pyro_elbo_particles"
@@ -63,18 +73,21 @@ class SiteTerms:
     * ``log_prob_unscaled``: masked, not scaled;
     * ``log_prob_detached``: (guide sites, when recorded) log q with the guide's parameters held
       constant, scaled and masked;
-    * ``score_function``: (guide sites without ``rsample``) the score-function part, else ``None``.
+    * ``score_function``: (guide sites without ``rsample``) the score-function part, else ``None``;
+    * ``carries_density``: False for a site whose log-density is 0 by construction (a
+      ``pyro.deterministic`` site, a site masked with ``False``).
     """
 
-    def __init__(self, name, nodes, aligner, *, is_guide, detached_nodes=None):
+    def __init__(self, name, nodes, aligner, *, is_guide, detached_log_probs=None):
         first = nodes[0]
         self.name = name
         self.frames = frozenset(f for f in first["cond_indep_stack"] if f.name != PARTICLE_PLATE)
         self.scale = first["scale"]
         self.is_observed = bool(first["is_observed"])
         self.is_auxiliary = bool(first["infer"].get("is_auxiliary", False))
+        self.carries_density = not _zero_density(first)
         self._nodes, self._align, self._is_guide = nodes, aligner, is_guide
-        self._detached_nodes = detached_nodes
+        self._detached_log_probs = detached_log_probs
         self._cache = {}
         if is_guide:
             self._raw_log_prob = [n["score_parts"].log_prob for n in nodes]
@@ -104,9 +117,9 @@ class SiteTerms:
 
     @property
     def log_prob_detached(self) -> torch.Tensor | None:
-        if self._detached_nodes is None:
+        if self._detached_log_probs is None:
             return None
-        return self._aligned("detached", lambda: [n["log_prob"] for n in self._detached_nodes])
+        return self._aligned("detached", lambda: self._detached_log_probs)
 
     @property
     def score_function(self) -> torch.Tensor | None:
@@ -182,6 +195,30 @@ class Particles:
             return torch.zeros(self.num_particles)
         return total
 
+    def model_leaves(self) -> list[torch.Tensor]:
+        """The trainable tensors log p depends on other than through the guide's draws.
+
+        Found by what log p's autograd graph reaches, not by ``pyro.param`` sites, so it covers
+        ``pyro.param``, ``pyro.module``, ``PyroModule`` (also with ``module_local_params``) and a
+        plain ``nn.Module`` the model calls.  The guide's graph (its draws and log q) is walked
+        first and left out, so a tensor both programs use counts as the guide's.
+        """
+        seen: set = set()
+        guide_roots = []
+        for trace in self.guide_traces:
+            for node in trace.nodes.values():
+                if node["type"] == "sample":
+                    guide_roots.append(node["value"])
+                    guide_roots.append(node["score_parts"].log_prob)
+        _graph_leaves(guide_roots, seen)
+        model_roots = [
+            node["log_prob"]
+            for trace in self.model_traces
+            for node in trace.nodes.values()
+            if node["type"] == "sample"
+        ]
+        return _graph_leaves(model_roots, seen)
+
     def params(self) -> dict[str, dict[str, torch.Tensor]]:
         """Unconstrained leaf tensors of the ``pyro.param`` sites seen, split by model and guide."""
         split = {}
@@ -201,11 +238,38 @@ class Particles:
         return split
 
 
+def _graph_leaves(roots, seen: set) -> list[torch.Tensor]:
+    """The leaf tensors that require grad reachable from ``roots`` through autograd nodes not
+    in ``seen`` (which the walk extends)."""
+    found, stack = [], []
+    for root in roots:
+        if not isinstance(root, torch.Tensor) or not root.requires_grad:
+            continue
+        if root.grad_fn is None:
+            if root not in seen:  # tensors hash by identity
+                seen.add(root)
+                found.append(root)
+        else:
+            stack.append(root.grad_fn)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        if variable is not None:
+            if variable not in seen:
+                seen.add(variable)
+                found.append(variable)
+            continue
+        stack.extend(fn for fn, _ in node.next_functions)
+    return found
+
+
 def guess_plate_nesting(model, guide, args, kwargs) -> int:
     """The deepest vectorized plate dim used by model or guide (one unvectorized run)."""
     with poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = _replay_model(model, guide_trace, (model, guide), args, kwargs)
+        model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
     dims = [
         frame.dim
         for trace in (guide_trace, model_trace)
@@ -251,12 +315,14 @@ def run_particles(
     if vectorize:
         plate = pyro.plate(PARTICLE_PLATE, num_particles, dim=-(plate_nesting + 1))
     pairs = [
-        _trace_pair(model, guide, user, args, kwargs, detach_params, plate, validate, detach)
+        _trace_pair(
+            model, guide, user, args, kwargs, detach_params, plate, validate, detach, plate_nesting
+        )
         for _ in range(1 if vectorize else num_particles)
     ]
     model_traces = [p[0] for p in pairs]
     guide_traces = [p[1] for p in pairs]
-    detached_traces = [p[2] for p in pairs]
+    detached = [p[2] for p in pairs]
     align = _Aligner(num_particles, plate_nesting, vectorize)
     model_sites = {
         name: SiteTerms(name, [t.nodes[name] for t in model_traces], align, is_guide=False)
@@ -269,7 +335,7 @@ def run_particles(
             [t.nodes[name] for t in guide_traces],
             align,
             is_guide=True,
-            detached_nodes=[t.nodes[name] for t in detached_traces] if detach_params else None,
+            detached_log_probs=[d[name] for d in detached] if detach_params else None,
         )
         for name, site in guide_traces[0].nodes.items()
         if site["type"] == "sample"
@@ -289,39 +355,103 @@ def run_particles(
     )
 
 
-def _trace_pair(model, guide, user, args, kwargs, detach_params, plate, validate, detach):
+def _trace_pair(
+    model, guide, user, args, kwargs, detach_params, plate, validate, detach, plate_nesting
+):
     user_model, user_guide = user
     if plate is not None:
         model, guide = plate(model), plate(guide)
     if detach is not None:
         # outside poutine.trace, so the trace records the detached samples
         with detach:
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace, guide_trace = trace_pair(model, guide, args, kwargs, user)
     else:
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    model_trace = _replay_model(model, guide_trace, user, args, kwargs)
+        model_trace, guide_trace = trace_pair(model, guide, args, kwargs, user)
     if validate:
-        check_traces(model_trace, guide_trace)
-        if detach_params:
-            require_detachable_guide(user_guide, guide_trace)
-    detached_trace = None
+        nesting = plate_nesting + (1 if plate is not None else 0)
+        check_traces(model_trace, guide_trace, max_plate_nesting=nesting)
     full_guide_trace, guide_trace = guide_trace, prune_subsample_sites(guide_trace)
+    # the live log q first: the replay below must not leave its values in a transform's cache
+    guide_trace.compute_score_parts()
+    detached = None
     if detach_params:
         if type(user_guide) in GAUSSIAN_AUTOGUIDES:
-            detached_trace = _detach_auxiliary_sites(guide_trace)
+            shortcut = _detach_auxiliary_sites(guide_trace)
+            shortcut.compute_log_prob()
+            detached = {n: node["log_prob"] for n, node in shortcut.nodes.items()}
         else:
-            # Replay the guide on the same (still differentiable) samples with every parameter
-            # detached: log q then depends on phi only through the sample path.
-            # (the unpruned trace: the replay must reuse the subsample indices too)
-            replayed = poutine.replay(DetachParams()(guide), trace=full_guide_trace)
-            with poutine.block(), detached_parameters(user_guide):
-                detached_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
-            detached_trace = prune_subsample_sites(detached_trace)
-        detached_trace.compute_log_prob()
+            detached = log_q_with_constant_params(
+                guide, full_guide_trace, guide_trace, user_guide, args, kwargs
+            )
     model_trace = prune_subsample_sites(model_trace)
     model_trace.compute_log_prob()
-    guide_trace.compute_score_parts()
-    return model_trace, guide_trace, detached_trace
+    return model_trace, guide_trace, detached
+
+
+def log_q_with_constant_params(guide, full_trace, guide_trace, user_guide, args, kwargs) -> dict:
+    """Per guide site, log q with the guide's parameters held constant and the samples live:
+    ``{name: log q_{stop(phi)}(z(phi))}`` (scaled and masked), for any guide.
+
+    No parameter is looked for.  The guide is replayed on its own draws, cut from the graph
+    (``z_bar = stop(z)``), which gives ``log q_phi(z_bar)``: every tensor the guide reads (a
+    ``pyro.param``, a module's weights, a flow's transform, a closure's tensor) stays live, and
+    everything computed from a sample is constant, so its gradient is the direct part
+    ``d/dphi log q_phi(z)`` at fixed ``z``.  Subtracting it from the live term removes exactly
+    that part::
+
+        log q_{stop(phi)}(z(phi)) := log q_phi(z(phi)) + [stop(log q_phi(z_bar)) - log q_phi(z_bar)]
+
+    Same value as ``log q`` (the bracket is exactly 0), gradient the path derivative
+    ``d log q/dz * dz/dphi`` (Roeder et al. 2017).  The replay reuses the subsample indices, and
+    the drawn values are new tensors, so a transform's cache (flows) cannot hand back the live
+    ones: ``log q_phi(z_bar)`` goes through the transform's inverse.
+
+    ``full_trace`` is the guide's trace with its subsample sites, ``guide_trace`` the same pruned,
+    with its score parts computed (the live terms).
+    """
+    fixed = poutine.Trace()
+    for name, node in full_trace.nodes.items():
+        copy = dict(node)
+        value = node.get("value")
+        if node["type"] == "sample" and isinstance(value, torch.Tensor):
+            copy["value"] = value.detach()
+        fixed.add_node(name, **copy)
+    try:
+        with poutine.block():
+            replayed = poutine.trace(poutine.replay(guide, trace=fixed)).get_trace(*args, **kwargs)
+            replayed = prune_subsample_sites(replayed)
+            replayed.compute_log_prob()
+    except Exception as error:
+        raise NotImplementedError(
+            f"the guide {_describe_guide(user_guide)} could not be evaluated at its own draws "
+            f"({type(error).__name__}: {error}). A path-derivative estimator (STL, DReG) needs "
+            "log q at a given point with the parameters held constant, e.g. the inverse of a "
+            "flow's transform. Use estimator='reparam', or a transform with an inverse."
+        ) from error
+    live = guide_trace.nodes
+    missing = [n for n, s in live.items() if s["type"] == "sample" and n not in replayed.nodes]
+    if missing:
+        raise NotImplementedError(
+            f"the guide {_describe_guide(user_guide)} sampled {missing} but did not sample them "
+            "again when replayed on its own draws (its structure depends on randomness outside "
+            "pyro.sample); a path-derivative estimator (STL, DReG) needs the replay. Use "
+            "estimator='reparam'."
+        )
+    detached = {}
+    for name, node in replayed.nodes.items():
+        if node["type"] != "sample" or name not in live:
+            continue
+        direct = node["log_prob"]
+        if isinstance(direct, torch.Tensor) and direct.requires_grad:
+            detached[name] = live[name]["score_parts"].log_prob + (direct.detach() - direct)
+        else:
+            detached[name] = live[name]["score_parts"].log_prob
+    return detached
+
+
+def _describe_guide(guide) -> str:
+    name = getattr(guide, "__qualname__", None) or type(guide).__name__
+    return repr(name)
 
 
 #: autoguides whose auxiliary sites' distributions depend on the parameters only (never on other
@@ -360,6 +490,61 @@ def _detach_auxiliary_sites(guide_trace):
 _LOG_PROB_KEYS = ("log_prob", "log_prob_sum", "unscaled_log_prob", "score_parts")
 
 
+def trace_pair(model, guide, args, kwargs, user=None):
+    """``(model_trace, guide_trace)``, unpruned, as Pyro's ``Trace_ELBO`` makes them: the guide
+    traced, then the model replayed on it; or, for an effect-based guide (Pyro's
+    ``AutoMessenger`` guides, any ``GuideMessenger``), the one run that interleaves both, split by
+    the guide's ``get_traces`` (the guide trace without the model's observed sites).
+
+    ``model`` and ``guide`` may be wrapped in handlers (the particle plate, ``beta``); ``user``
+    is the pair as the user passed it (for the messenger check and the error explanations).
+    A model that fails on the guide's draws because the shapes differ raises an error naming
+    the site.
+    """
+    user = (model, guide) if user is None else user
+    messenger = poutine.unwrap(user[1])
+    if isinstance(messenger, GuideMessenger):
+        guide(*args, **kwargs)
+        model_trace, _ = messenger.get_traces()
+        return model_trace, _messenger_guide_trace(messenger)
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    return _replay_model(model, guide_trace, user, args, kwargs), guide_trace
+
+
+def _messenger_guide_trace(messenger):
+    """The guide's part of an effect-based guide's trace: its sample sites that are not the
+    model's observed ones, subsample sites kept (a replay must reuse their indices)."""
+    trace = messenger.trace.copy()
+    for name, site in list(trace.nodes.items()):
+        if site["type"] != "sample" or (site["is_observed"] and not site_is_subsample(site)):
+            trace.remove_node(name)
+    return trace
+
+
+def path_derivative_unavailable(guide, args, kwargs) -> str | None:
+    """Why ``guide``'s log q cannot be evaluated with its parameters held constant (what STL and
+    DReG need), or ``None`` when it can.  One guide run, hidden from SVI, on a forked generator;
+    a guide that fails on its own gives ``None`` (the objective will say why)."""
+    messenger = poutine.unwrap(guide)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), poutine.block():
+        try:
+            if isinstance(messenger, GuideMessenger):
+                guide(*args, **kwargs)
+                full = _messenger_guide_trace(messenger)
+            else:
+                full = poutine.trace(guide).get_trace(*args, **kwargs)
+            pruned = prune_subsample_sites(full)
+            pruned.compute_score_parts()
+        except Exception:
+            return None
+        try:
+            log_q_with_constant_params(guide, full, pruned, guide, args, kwargs)
+        except NotImplementedError as error:
+            return str(error)
+    return None
+
+
 def _replay_model(model, guide_trace, user, args, kwargs):
     """Trace ``model`` replayed on ``guide_trace``; a failure caused by a guide whose site shapes
     differ from the model's becomes an error that names the site."""
@@ -392,15 +577,30 @@ class _Aligner:
     def _pad(self, name, t, ndim):
         if not isinstance(t, torch.Tensor):
             t = torch.as_tensor(t)
+        if t.dim() > ndim and all(size == 1 for size in t.shape[: t.dim() - ndim]):
+            t = t.reshape(t.shape[t.dim() - ndim :])  # a size-1 batch dim without a plate
         if t.dim() > ndim:
             raise ValueError(
-                f"site {name!r}: its log-density has shape {tuple(t.shape)}, with more batch dims "
+                f"site {name!r}: invalid log_prob shape {tuple(t.shape)}, with more batch dims "
                 f"than the {self.P} plate dim(s) of the model. Declare every batch dim with a "
                 "pyro.plate (or .to_event() for event dims), or pass max_plate_nesting."
             )
         if t.dim() < ndim:
             t = t.reshape((1,) * (ndim - t.dim()) + t.shape)
         return t
+
+
+def _zero_density(node) -> bool:
+    """Whether a site's log-density is 0 by construction: a ``pyro.deterministic`` site, or one
+    masked with ``False`` (``poutine.mask(mask=False)``, ``fn.mask(False)``)."""
+    if node["infer"].get("_deterministic") or node["mask"] is False:
+        return True
+    fn = node["fn"]
+    while isinstance(fn, MaskedDistribution):
+        if fn._mask is False:
+            return True
+        fn = fn.base_dist
+    return False
 
 
 def _masked_unscaled(node, is_guide):

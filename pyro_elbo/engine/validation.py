@@ -6,14 +6,18 @@ depend on the structure raises instead, with a message that names the site and s
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import site_is_subsample
+from pyro.util import check_model_guide_match
 
 __all__ = [
     "ModelGuideMismatchError",
     "check_traces",
     "explain_replay_failure",
-    "require_detachable_guide",
 ]
 
 
@@ -36,14 +40,40 @@ def _strip_ones(shape):
     return shape
 
 
-def check_traces(model_trace, guide_trace, *, allow_enumeration: bool = False) -> None:
+def check_traces(
+    model_trace, guide_trace, *, allow_enumeration: bool = False, max_plate_nesting=math.inf
+) -> None:
     """Raise :class:`ModelGuideMismatchError` (or ``NotImplementedError``) on a bad pair.
 
-    Call it on the raw (unpruned) traces, before log densities are computed.
+    First Pyro's own rules, as ``Trace_ELBO`` applies them when validation is on
+    (``pyro.util.check_model_guide_match``: the same warnings, and its errors as
+    :class:`ModelGuideMismatchError`), then ours, which refuse what Pyro only warns about where
+    the estimate would be silently wrong.  Call it on the raw (unpruned) traces, before log
+    densities are computed.
     """
+    if is_validation_enabled():
+        try:
+            check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
+        except ValueError as error:
+            try:
+                _check_traces(model_trace, guide_trace, allow_enumeration)
+            except ModelGuideMismatchError as ours:  # Pyro's words, then ours (what to do)
+                raise ModelGuideMismatchError(f"{error}. {ours}") from error
+            raise ModelGuideMismatchError(
+                f"{error}. Make the guide's distribution at that site match the model's (the "
+                "same shape, .to_event() for event dims, the same pyro.plate for batch dims)."
+            ) from error
+    _check_traces(model_trace, guide_trace, allow_enumeration)
+
+
+def _check_traces(model_trace, guide_trace, allow_enumeration):
     model_sites = _sample_sites(model_trace)
     guide_sites = _sample_sites(guide_trace)
     for name, site in guide_sites.items():
+        if site["is_observed"] and (
+            site["infer"].get("is_auxiliary") or site["infer"].get("_deterministic")
+        ):
+            continue  # pyro.factor (part of log q, as in Trace_ELBO) or pyro.deterministic
         if site["is_observed"]:
             raise ModelGuideMismatchError(
                 f"guide site {name!r} is observed (obs=...) in the guide; a guide only samples "
@@ -65,10 +95,11 @@ def check_traces(model_trace, guide_trace, *, allow_enumeration: bool = False) -
                 "site, or mark it infer={'is_auxiliary': True} if it is a helper variable."
             )
         if not allow_enumeration and site["infer"].get("enumerate"):
-            raise NotImplementedError(
-                f"guide site {name!r} is enumerated (infer={{'enumerate': ...}}); this objective "
-                "draws Monte Carlo particles. Use pyro.infer.TraceEnum_ELBO for enumeration, or "
-                "remove the enumerate flag to sample the site."
+            warnings.warn(  # as Trace_ELBO does (pyro.util.check_if_enumerated); it samples it
+                f"Found sample sites configured for enumeration: {name}. If you want to "
+                "enumerate sites, you need to use TraceEnum_ELBO instead. This objective draws "
+                "the site as a Monte Carlo sample.",
+                stacklevel=5,
             )
     for name, site in model_sites.items():
         if site["is_observed"]:
@@ -120,47 +151,37 @@ def _shape_error(name, guide_shape, model_shape, cause=None):
 def explain_replay_failure(model, guide, args, kwargs, error: Exception):
     """Turn an exception raised while replaying the model into a site-naming error, if we can.
 
-    Runs guide and model once each, unvectorized and hidden from SVI, and compares the shape of
-    every latent site.  Returns an exception to raise, or ``None`` if no mismatch was found.
+    Runs the guide once, unvectorized and hidden from SVI, and replays the model on it (as the
+    objective does), recording the sites the model reached before it failed; a latent site whose
+    guide value does not have the shape of the *replayed* model's distribution there is the one
+    to blame.  Comparing like with like matters: a plate the guide subsamples is subsampled the
+    same way in the replayed model, so it is not blamed.  Returns an exception to raise, or
+    ``None`` if no mismatch was found (e.g. the model fails only under the particle plate).
     """
     import pyro.poutine as poutine
 
     try:
         with poutine.block():
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            prior_trace = poutine.trace(model).get_trace(*args, **kwargs)
-    except Exception:  # one of them fails on its own: let the original error speak
+    except Exception:  # the guide fails on its own: let the original error speak
         return None
-    for name, site in _sample_sites(prior_trace).items():
+    recorder = poutine.trace(poutine.replay(model, trace=guide_trace))
+    try:
+        with poutine.block():
+            recorder(*args, **kwargs)
+    except Exception:
+        pass  # the sites before the failure are recorded
+    replayed = recorder.msngr.trace
+    for name, site in _sample_sites(replayed).items():
         if site["is_observed"] or name not in guide_trace.nodes:
             continue
-        guide_shape = guide_trace.nodes[name]["value"].shape
-        if _strip_ones(guide_shape) != _strip_ones(site["value"].shape):
-            return _shape_error(name, guide_shape, site["value"].shape, cause=error)
+        guide_value = guide_trace.nodes[name]["value"]
+        try:
+            expected = site["fn"].shape()
+        except Exception:
+            continue
+        if isinstance(guide_value, torch.Tensor) and _strip_ones(guide_value.shape) != _strip_ones(
+            expected
+        ):
+            return _shape_error(name, guide_value.shape, expected, cause=error)
     return None
-
-
-def require_detachable_guide(guide, guide_trace) -> None:
-    """Raise when the guide's parameters cannot be held constant in log q (STL / DReG).
-
-    The engine detaches ``pyro.param`` values and the ``nn.Parameter`` attributes of an
-    ``nn.Module`` guide.  Weights of a network registered with ``pyro.module`` inside a function
-    guide (or inside a module guide that does not own that network) are read by the network
-    directly, so they would silently stay live in log q.
-    """
-    owned = {id(p) for p in guide.parameters()} if isinstance(guide, torch.nn.Module) else set()
-    for name, site in guide_trace.nodes.items():
-        if site["type"] != "param" or "$$$" not in name:
-            continue
-        value = site["value"]
-        leaf = value.unconstrained() if hasattr(value, "unconstrained") else value
-        if id(leaf) in owned:
-            continue
-        raise NotImplementedError(
-            f"guide parameter {name!r} belongs to the network {name.split('$$$')[0]!r} "
-            "registered with pyro.module inside the guide; its weights cannot be held constant in "
-            "log q, so a path-derivative estimator (STL, DReG) would silently not be one. "
-            "Supported: pyro.param guides, autoguides, and nn.Module / PyroModule guides that own "
-            "their networks as submodules (e.g. pyro_elbo.guides.AmortizedNormal). Make the "
-            "network a submodule of an nn.Module guide, or use estimator='reparam'."
-        )

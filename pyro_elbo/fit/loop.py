@@ -54,6 +54,7 @@ from pyro_elbo.fit import checkpoint as ckpt
 from pyro_elbo.fit.convergence import fisher_diagonal, fisher_seed, make_rule
 from pyro_elbo.fit.escalate import check_reparam, escalating_fit, noncentered
 from pyro_elbo.fit.initial import LaplaceStage, check_init, default_optimizer, run_laplace
+from pyro_elbo.fit.params import ParamIndex
 from pyro_elbo.fit.preflight import (
     check_has_params,
     check_initial_density,
@@ -101,6 +102,7 @@ class FitResult:
     * ``init``: what the stage before step 1 did (a :class:`~pyro_elbo.fit.initial.LaplaceStage`:
       ``.ran``, ``.result``, ``.message``, ``.seconds``);
     * ``compiled``: whether the steps ran on the compiled fast path;
+    * ``defaults``: the objective ``fit`` chose when ``loss`` was not given, and why ("" else);
     * ``stages``, ``khat``, ``resample``: for ``fit(model, None, ...)``, what each stage of the
       escalation did (:class:`~pyro_elbo.fit.escalate.Stage`), the returned guide's PSIS k-hat,
       and ``"psis"`` when its draws are importance-resampled (:mod:`.escalate`);
@@ -120,6 +122,7 @@ class FitResult:
     optim: object = None
     init: object = None
     compiled: bool = False
+    defaults: str = ""
     stages: list = field(default_factory=list)
     khat: float = math.nan
     resample: str | None = None
@@ -202,7 +205,7 @@ class FitState:
     ``status`` (the convergence status), ``objective``, ``optimizer`` and ``params`` (a dict of
     the constrained parameter values).  A callback that returns ``True`` stops the run."""
 
-    __slots__ = ("step", "loss", "losses", "objective", "optimizer", "_rule", "_names")
+    __slots__ = ("step", "loss", "losses", "objective", "optimizer", "_rule", "_names", "_store")
 
     def __init__(self, losses, objective, optimizer, rule, names):
         self.step, self.loss, self.losses = 0, float("nan"), losses
@@ -214,7 +217,7 @@ class FitState:
 
     @property
     def params(self) -> dict:
-        store = pyro.get_param_store()
+        store = getattr(self, "_store", None) or pyro.get_param_store()
         return {name: store[name] for name in self._names}
 
 
@@ -728,7 +731,7 @@ class _Run:
             check_initial_density(model, guide, args, kwargs, preflight=pre)
         if self.optim is None:
             self.optim = default_optimizer(self.stage, guide)
-        store = self.store = pyro.get_param_store()
+        store = self.store = ParamIndex(pyro.get_param_store())  # + module-local parameters
         names = self._initial_evaluation(sorted({*pre.guide_params, *pre.model_params}, key=str))
         leaves = [store[name].unconstrained() for name in names]
         keep = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
@@ -752,14 +755,13 @@ class _Run:
 
     def _choose_defaults(self, args, kwargs):
         """The recommended guide and objective where the user gave none."""
-        from pyro_elbo.init.defaults import recommended_guide, recommended_objective
+        from pyro_elbo.init.defaults import recommended_guide, recommended_objective_and_reason
 
         if self.guide is None:
             self.guide = recommended_guide(self.model, *args, **kwargs)
         if self.objective is None:
-            self.objective = check_objective(
-                recommended_objective(self.guide, *args, **kwargs)
-            )
+            objective, self.defaults = recommended_objective_and_reason(self.guide, *args, **kwargs)
+            self.objective = check_objective(objective)
 
     def _initial_evaluation(self, names):
         """Evaluate the objective once: it runs its lazy set-up (plate guessing, validation) now,
@@ -782,6 +784,7 @@ class _Run:
                             raise
                         value = float("nan")
             if math.isfinite(value):
+                self.store.add(capture.trace)
                 found = {*names, *capture.trace.nodes}
                 return [n for n in sorted(found, key=str) if n in self.store]
             if attempt == self.skip_nonfinite:
@@ -908,6 +911,7 @@ class _Run:
         target, skip_limit = self.target, self.skip_nonfinite
         args, kwargs = self.call
         state = FitState(losses, objective, self.opt.optimizer, rule, self.names)
+        state._store = store
         bar = _progress_bar(self.show, target, self.step)
         num_in_store = len(store)
         finite = math.isfinite
@@ -1042,6 +1046,7 @@ class _Run:
             optim=self.opt.optimizer,
             init=getattr(self, "stage", LaplaceStage()),
             compiled=bool(getattr(self, "compiled", False)),
+            defaults=getattr(self, "defaults", ""),
             model=self.model,
         )
 

@@ -170,9 +170,11 @@ def handles_enumeration(objective) -> bool:
 def _pathwise_only(objective) -> str | None:
     """A description of the objective if its gradient needs every guide site reparameterized."""
     from pyro_elbo.objectives.cubo import CUBO
+    from pyro_elbo.objectives.iwelbo import IWELBO
 
     estimator = getattr(objective, "estimator", None)
-    if estimator in ("stl", "dreg"):
+    # ELBO's STL gives such sites their score-function terms, as Trace_ELBO does
+    if isinstance(objective, IWELBO) and estimator in ("stl", "dreg"):
         return f"{type(objective).__name__}(estimator={estimator!r})"
     if isinstance(objective, CUBO):
         return "CUBO"

@@ -32,10 +32,9 @@ rows, they *are* the minibatch (the model scales by ``size / len(data)``) and ar
 A name given for ``size`` or ``subsample_size`` is looked up among the *keyword* arguments only:
 call ``svi.step(x, num_data=N)``, not ``svi.step(x, N)`` (or pass a callable).
 
-**Path-derivative estimators (STL, DReG).**  The encoder is a submodule of this ``nn.Module``, so
-the particle engine's replay with the guide's parameters held constant
-(:func:`pyro_elbo.engine.handlers.detached_parameters`) swaps every encoder weight for a detached
-copy: ``log q_{stop(phi)}(z)`` depends on ``phi`` only through ``z``.  At the exact posterior the
+**Path-derivative estimators (STL, DReG).**  The particle engine holds the encoder's weights
+constant in log q like any guide's (:func:`pyro_elbo.engine.particles.log_q_with_constant_params`):
+``log q_{stop(phi)}(z)`` depends on ``phi`` only through ``z``.  At the exact posterior the
 STL/DReG gradient then has zero variance (``tests/test_guides.py``).  The weights are registered
 in Pyro's param store under ``"{name}$$${parameter}"`` (as ``pyro.module`` does), so
 ``pyro.infer.SVI`` optimizes them.

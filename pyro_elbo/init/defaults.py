@@ -45,6 +45,7 @@ __all__ = [
     "latent_dim",
     "recommended_guide",
     "recommended_objective",
+    "recommended_objective_and_reason",
 ]
 
 FULL_RANK_MAX_DIM = 200
@@ -117,7 +118,29 @@ def _reparameterized(guide, args, kwargs) -> bool:
 
 def recommended_objective(guide=None, *args, num_particles: int = DEFAULT_PARTICLES, **kwargs):
     """The default objective: ``ELBO(num_particles, estimator="stl")``, or
-    ``estimator="reparam"`` when ``guide`` (run on ``args``) has a site without ``rsample``."""
+    ``estimator="reparam"`` when ``guide`` (run on ``args``) has a site without ``rsample`` or
+    its log q cannot be evaluated with its parameters held constant (a flow without an inverse);
+    :func:`recommended_objective_and_reason` also says why."""
+    return recommended_objective_and_reason(guide, *args, num_particles=num_particles, **kwargs)[0]
+
+
+def recommended_objective_and_reason(
+    guide=None, *args, num_particles: int = DEFAULT_PARTICLES, **kwargs
+):
+    """``(objective, reason)``: :func:`recommended_objective` and a one-line reason for it."""
+    from pyro_elbo.engine.particles import path_derivative_unavailable
+
     if guide is not None and not _reparameterized(guide, args, kwargs):
-        return ELBO(num_particles, estimator="reparam")
-    return ELBO(num_particles, estimator="stl")
+        return ELBO(num_particles, estimator="reparam"), (
+            f"ELBO({num_particles}, estimator='reparam'): the guide has a site without rsample, "
+            "which STL cannot differentiate through"
+        )
+    why = None if guide is None else path_derivative_unavailable(guide, args, kwargs)
+    if why is not None:
+        return ELBO(num_particles, estimator="reparam"), (
+            f"ELBO({num_particles}, estimator='reparam'), not STL: {why.split('. ')[0]}"
+        )
+    return ELBO(num_particles, estimator="stl"), (
+        f"ELBO({num_particles}, estimator='stl'): sticking the landing, whose gradient variance "
+        "vanishes at the exact posterior"
+    )

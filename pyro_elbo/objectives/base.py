@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import numbers
+import warnings
 
 import pyro.infer
 import torch
@@ -69,6 +70,9 @@ class ParticleObjective(pyro.infer.ELBO):
         # Pyro adds one for its own particle plate; the engine places ours itself.
         self.max_plate_nesting = max_plate_nesting
         self._validated_pairs: set[tuple[int, int, bool]] = set()
+        # pairs found not vectorization-safe (particles drawn one after another) or safe
+        self._sequential_pairs: set[tuple[int, int]] = set()
+        self._vectorized_pairs: set[tuple[int, int]] = set()
 
     # ----------------------------------------------------------------- hooks for subclasses
     def _engine_options(self, need_surrogate: bool) -> dict:
@@ -87,6 +91,7 @@ class ParticleObjective(pyro.infer.ELBO):
             self.max_plate_nesting = guess_plate_nesting(model, guide, args, kwargs)
         # validate each pair once per kind of run (the detached replay adds its own check)
         pair = (id(model), id(guide), bool(options.get("detach_params")))
+        sequential = (id(model), id(guide)) in self._sequential_pairs
         particles = run_particles(
             model,
             guide,
@@ -94,7 +99,7 @@ class ParticleObjective(pyro.infer.ELBO):
             kwargs,
             num_particles=self.num_particles,
             plate_nesting=int(self.max_plate_nesting),
-            vectorize=self.vectorize_particles,
+            vectorize=self.vectorize_particles and not sequential,
             validate=pair not in self._validated_pairs,
             **options,
         )
@@ -107,10 +112,42 @@ class ParticleObjective(pyro.infer.ELBO):
         return particles.model_traces[0], particles.guide_traces[0]
 
     def _compute(self, model, guide, args, kwargs, need_surrogate: bool):
-        particles = self.run_particles(
-            model, guide, args, kwargs, **self._engine_options(need_surrogate)
-        )
-        return self._loss_and_surrogate(particles, need_surrogate)
+        self._call = (model, guide, args, kwargs)  # for objectives that must run the pair again
+        options = self._engine_options(need_surrogate)
+        pair = (id(model), id(guide))
+        if pair in self._sequential_pairs or pair in self._vectorized_pairs:
+            particles = self.run_particles(model, guide, args, kwargs, **options)
+            return self._loss_and_surrogate(particles, need_surrogate)
+        # the first run of a pair: is it vectorization-safe?
+        try:
+            particles = self.run_particles(model, guide, args, kwargs, **options)
+            result = self._loss_and_surrogate(particles, need_surrogate)
+        except Exception as error:
+            if not (self.vectorize_particles and self.num_particles > 1):
+                raise
+            self._sequential_pairs.add(pair)
+            try:
+                particles = self.run_particles(model, guide, args, kwargs, **options)
+                result = self._loss_and_surrogate(particles, need_surrogate)
+            except Exception:
+                self._sequential_pairs.discard(pair)
+                raise  # fails unvectorized too: the error is the program's, not vectorization's
+            warnings.warn(
+                f"{type(self).__name__}: the model and guide are not vectorization-safe: drawn "
+                f"in an outer pyro.plate of {self.num_particles} particles they failed with "
+                f"{type(error).__name__}: {_first_line(error)}. Drawing the particles one after "
+                "another instead (as Trace_ELBO does), which is slower. To vectorize, declare "
+                "every batch dim with pyro.plate, index from the right (x[..., i], "
+                "expand/reshape/squeeze with negative dims, matmul on the last dims), and avoid "
+                "Python control flow on sampled values; pass vectorize_particles=False to "
+                "silence this.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return result
+        if self.vectorize_particles and self.num_particles > 1:
+            self._vectorized_pairs.add(pair)
+        return result
 
     # ----------------------------------------------------------------- pyro.infer.ELBO API
     def loss(self, model, guide, *args, **kwargs) -> float:
@@ -140,3 +177,7 @@ class ParticleObjective(pyro.infer.ELBO):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_particles={self.num_particles})"
 
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "(no message)"

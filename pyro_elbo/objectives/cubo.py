@@ -111,11 +111,11 @@ class CUBO(ParticleObjective):
             "Use a reparameterized guide for that site (e.g. an autoguide over a relaxed or "
             "continuous version), or fit it with ELBO(estimator='score').",
         )
-        model_params = particles.params()["model"]
+        model_params = particles.model_leaves()
         if model_params:
-            name = next(iter(model_params))
+            name = _describe_leaf(model_params[0])
             raise ValueError(
-                f"CUBO: the model has trainable parameter {name!r}. CUBO is an upper bound on "
+                f"CUBO: the model has trainable parameter {name}. CUBO is an upper bound on "
                 "log p(x); minimizing it over model parameters would lower the evidence. Fit "
                 "model parameters with ELBO or IWELBO, or hide them from this objective with "
                 "poutine.block(hide=[...]) / requires_grad_(False)."
@@ -124,3 +124,11 @@ class CUBO(ParticleObjective):
 
     def __repr__(self):
         return f"CUBO(num_particles={self.num_particles}, n={self.n:g})"
+
+
+def _describe_leaf(leaf) -> str:
+    """A parameter's name in Pyro's param store, or its shape."""
+    import pyro
+
+    name = pyro.get_param_store()._param_to_name.get(leaf)
+    return repr(name) if name is not None else f"(a tensor of shape {tuple(leaf.shape)})"

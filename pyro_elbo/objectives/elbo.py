@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import torch
 
@@ -24,7 +25,7 @@ from pyro_elbo.engine.particles import Particles
 from pyro_elbo.estimators.reparam import reparam_surrogate
 from pyro_elbo.estimators.score import score_function_surrogate
 from pyro_elbo.estimators.stl import stl_surrogate
-from pyro_elbo.objectives.analytic_kl import analytic_kl_terms
+from pyro_elbo.objectives.analytic_kl import analytic_kl_terms, guide_depends_on
 from pyro_elbo.objectives.base import ParticleObjective
 
 __all__ = ["ELBO"]
@@ -84,6 +85,8 @@ class ELBO(ParticleObjective):
         self.baseline = baseline
         self.analytic_kl = bool(analytic_kl)
         self.beta = float(beta)
+        self._kl_warned: set[str] = set()
+        self._kl_depends: dict = {}
 
     def _engine_options(self, need_surrogate):
         return {
@@ -93,7 +96,18 @@ class ELBO(ParticleObjective):
         }
 
     def _loss_and_surrogate(self, particles: Particles, need_surrogate: bool):
-        kl_terms = analytic_kl_terms(particles) if self.analytic_kl else []
+        kl_terms = []
+        if self.analytic_kl:
+            fallbacks = {}
+            kl_terms = analytic_kl_terms(particles, fallbacks, self._guide_depends)
+            for name, reason in fallbacks.items():
+                if name not in self._kl_warned:
+                    self._kl_warned.add(name)
+                    warnings.warn(
+                        f"ELBO(analytic_kl=True): site {name!r} keeps its Monte Carlo KL: "
+                        f"{reason}.",
+                        stacklevel=2,
+                    )
         if kl_terms:
             replaced = {name for t in kl_terms for name in (t.name, *t.replaces_guide_sites)}
             kl = sum(particles.per_particle(t.kl) for t in kl_terms)
@@ -105,7 +119,7 @@ class ELBO(ParticleObjective):
         if not need_surrogate:
             return loss, None
         if self.estimator == "stl":
-            surrogate = stl_surrogate(particles)
+            surrogate = stl_surrogate(particles, self.baseline)
         elif self.estimator == "score":
             scores = {n: s.log_prob_unscaled for n, s in particles.guide_sites.items()}
             surrogate = particles.log_p() + score_function_surrogate(
@@ -118,6 +132,14 @@ class ELBO(ParticleObjective):
             if kl_terms:
                 surrogate = surrogate - kl
         return loss, -surrogate.mean()
+
+    def _guide_depends(self, name, others) -> bool:
+        """Whether the guide being run draws ``others`` given ``name`` (cached per guide)."""
+        model, guide, args, kwargs = self._call
+        key = (id(guide), name, tuple(others))
+        if key not in self._kl_depends:
+            self._kl_depends[key] = guide_depends_on(guide, args, kwargs, name, others)
+        return self._kl_depends[key]
 
     @staticmethod
     def _elbo_skipping(particles: Particles, skip) -> torch.Tensor:

@@ -15,10 +15,9 @@ The forward KL is mass-covering: on a bimodal posterior a Gaussian q spreads ove
 (moment matching), where the ELBO's reverse KL locks onto one (see ``tests/test_bounds.py``).
 
 Model parameters follow the importance-weighted bound (the wake-theta step),
-``sum_k w~_k grad_theta log p(x, z_k)``, added as a linear surrogate over the model's parameters
-(computed with ``torch.autograd.grad``, as DReG's model part in
-:mod:`~pyro_elbo.objectives.iwelbo`), so no gradient can reach the guide through the samples
-whatever the engine's handler order.  ``loss`` is minus the importance-weighted bound, for
+``sum_k w~_k grad_theta log p(x, z_k)``: the engine records the detached draws in the traces, so
+log p reaches the model's parameters only (``pyro.param``, ``pyro.module``, ``PyroModule`` or a
+plain ``nn.Module`` the model calls) and no gradient reaches the guide through the samples.  ``loss`` is minus the importance-weighted bound, for
 monitoring; like :class:`~pyro_elbo.objectives.iwelbo.IWELBO` it is taken per element of a plate
 that every site lives in, the subsampling scale applied after the per-element log-mean-exp, so the
 minibatch gradient is an unbiased sum over data points of per-element estimates.
@@ -32,7 +31,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro_elbo.engine.bounds import log_mean_exp
 from pyro_elbo.engine.particles import Particles
 from pyro_elbo.objectives.base import ParticleObjective
-from pyro_elbo.objectives.iwelbo import group_terms, importance_weights, model_correction
+from pyro_elbo.objectives.iwelbo import group_terms, importance_weights
 
 __all__ = ["InclusiveKL"]
 
@@ -76,10 +75,9 @@ class InclusiveKL(ParticleObjective):
         # guide: sum_k w~_k log q(stop(z_k)) (wake-phi)
         log_q = group_terms(particles, _log_q_at_fixed_samples(particles), weights.frames)
         surrogate = (w * log_q).sum()
-        # model: sum_k w~_k grad_theta log p(x, z_k) (the IW bound), through theta only
-        correction = model_correction(particles, (w * weights.log_p).sum())
-        if correction is not None:
-            surrogate = surrogate + correction
+        # model: sum_k w~_k grad_theta log p(x, z_k) (the IW bound); the draws are detached, so
+        # log p reaches only the model's parameters, whatever kind they are
+        surrogate = surrogate + (w * weights.log_p).sum()
         return loss, -weights.scale * surrogate
 
     def __repr__(self):

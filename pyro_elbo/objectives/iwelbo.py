@@ -5,7 +5,9 @@ With K particles ``z_k ~ q(z)`` and log weights ``log w_k = log p(x, z_k) - log 
 
     IW-ELBO_K = E[ log (1/K) sum_k w_k ],    ELBO = IW-ELBO_1 <= IW-ELBO_K <= log p(x).
 
-``loss`` is minus this bound.
+``loss`` is minus this bound.  With K = 1 it is the ELBO, term for term (every site keeps its
+own scale, so subsampled plates with global latents and per-site ``poutine.scale`` work as in
+Trace_ELBO), and so is its gradient.
 
 **Per element of a data plate.**  When every site of model and guide lives in a plate (all latents
 are local to it, as in a VAE), the log weights factorize over its elements ``i`` and the bound is
@@ -106,7 +108,13 @@ def importance_weights(particles: Particles, objective: str) -> ImportanceWeight
     Raises ``ValueError`` when no unbiased importance-weighted estimate exists (a subsampled plate
     that some site lives outside of) or when sites carry different scales.
     """
-    sites = {**particles.model_sites, **particles.guide_sites}
+    # the sites that carry density decide the plates the bound is per element of: a
+    # pyro.deterministic site outside the data plate adds nothing to any weight
+    sites = {
+        n: s
+        for n, s in {**particles.model_sites, **particles.guide_sites}.items()
+        if s.carries_density
+    }
     shared = None
     for site in sites.values():
         vectorized = {f for f in site.frames if f.vectorized}
@@ -132,11 +140,15 @@ def importance_weights(particles: Particles, objective: str) -> ImportanceWeight
     frames = tuple(sorted(shared, key=lambda f: f.dim))
     return ImportanceWeights(
         particles=particles,
-        log_p=_group(particles, particles.model_sites.values(), "log_prob_unscaled", frames),
-        log_q=_group(particles, particles.guide_sites.values(), "log_prob_unscaled", frames),
+        log_p=_group(particles, _dense(particles.model_sites), "log_prob_unscaled", frames),
+        log_q=_group(particles, _dense(particles.guide_sites), "log_prob_unscaled", frames),
         scale=scale,
         frames=frames,
     )
+
+
+def _dense(sites) -> list:
+    return [s for s in sites.values() if s.carries_density]
 
 
 def _is_subsampled(frame) -> bool:
@@ -240,10 +252,15 @@ def model_correction(particles: Particles, term: torch.Tensor) -> torch.Tensor |
     """A linear surrogate ``sum_theta <theta, grad_theta term>`` over the model's parameters.
 
     Its gradient is ``grad_theta term`` for the model's parameters and zero for everything else.
-    ``None`` when the model has no trainable parameters (or ``term`` has no graph).
+    The model's parameters are every trainable tensor log p reaches other than through the
+    guide's draws (:meth:`~pyro_elbo.engine.particles.Particles.model_leaves`): ``pyro.param``
+    sites, ``pyro.module`` / ``PyroModule`` weights and plain modules alike.  ``None`` when the
+    model has none (or ``term`` has no graph).
     """
-    leaves = list(particles.params()["model"].values())
-    if not leaves or not term.requires_grad:
+    if not term.requires_grad:
+        return None
+    leaves = particles.model_leaves()
+    if not leaves:
         return None
     grads = torch.autograd.grad(term, leaves, retain_graph=True, allow_unused=True)
     parts = [(leaf * g.detach()).sum() for leaf, g in zip(leaves, grads) if g is not None]
@@ -299,6 +316,8 @@ class IWELBO(ParticleObjective):
         return f"IWELBO(estimator={self.estimator!r})"
 
     def _loss_and_surrogate(self, particles: Particles, need_surrogate: bool):
+        if particles.num_particles == 1:
+            return self._one_particle(particles, need_surrogate)
         weights = importance_weights(particles, self._name())
         log_w = weights.log_w
         loss = -weights.scale * log_mean_exp(log_w, 0).sum()
@@ -319,7 +338,7 @@ class IWELBO(ParticleObjective):
             "sites.",
         )
         log_q_stop = weights.group(
-            particles.guide_sites.values(), "log_prob_detached", rescale=True
+            _dense(particles.guide_sites), "log_prob_detached", rescale=True
         )
         path = weights.log_p - log_q_stop
         if self.estimator == "stl":
@@ -329,6 +348,26 @@ class IWELBO(ParticleObjective):
         if correction is not None:
             surrogate = surrogate + correction
         return loss, -weights.scale * surrogate
+
+    def _one_particle(self, particles: Particles, need_surrogate: bool):
+        """K = 1: the bound is the ELBO, ``log w`` is linear in the sites' terms, so every
+        site keeps its own scale and mask (subsampling, ``poutine.scale``) as in Trace_ELBO;
+        IWAE's gradient is the pathwise one (score terms Rao-Blackwellized over plates), DReG's
+        and STL's are STL's."""
+        from pyro_elbo.estimators.reparam import reparam_surrogate
+
+        log_w = particles.log_p() - particles.log_q()
+        loss = -log_w.sum()
+        if not need_surrogate:
+            return loss, None
+        if self.estimator == "reparam":
+            return loss, -(reparam_surrogate(particles, "none") + log_w.new_zeros(1)).sum()
+        require_reparameterized(
+            particles,
+            self._name(),
+            "Use IWELBO(estimator='reparam'), which adds score-function terms for such sites.",
+        )
+        return loss, -(particles.log_p() - particles.log_q(detached_params=True)).sum()
 
     def __repr__(self):
         return f"IWELBO(num_particles={self.num_particles}, estimator={self.estimator!r})"
