@@ -20,7 +20,7 @@ Stages (each recorded in ``result.stages`` as a :class:`Stage`: what ran, why, k
    of the remaining bias of a slightly-off guide.
 
 A guide passed by the user is never replaced: the escalation runs only for ``guide=None`` (and
-without ``loss``, ``optim``, ``data`` or ``checkpoint``, which name a single run).
+without ``loss``, ``optim``, ``data``, ``checkpoint`` or ``num_steps``, which name a single run).
 
 ``reparam="noncentered"`` (:func:`noncentered`) rewrites the model first with
 :class:`pyro.infer.reparam.LocScaleReparam` (``centered=0``) on every latent location-scale site
@@ -200,8 +200,9 @@ def escalating_fit(fit, model, args, kwargs, options):
             if better:
                 best, best_k = flow, k_flow
     resample = "psis" if best_k <= khat_threshold(KHAT_DRAWS) else None
+    # init: the Laplace stage the pipeline started from (the flow stage starts from the Gaussian)
     return dataclasses.replace(best, seconds=time.perf_counter() - started, stages=stages,
-                               resample=resample, khat=best_k)
+                               resample=resample, khat=best_k, init=gaussian.init)
 
 
 def _k(k):

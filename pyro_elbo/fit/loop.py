@@ -627,8 +627,8 @@ def fit(
         (:func:`pyro_elbo.init.laplace_init`) when the guide is an autoguide it knows and the
         data are not minibatched, else skipped; ``"laplace"``: the same, or an error saying why
         not; ``None``: start from the guide as it is (e.g. to continue an earlier fit).
-    :param bool escalate: with ``guide=None`` (and no ``loss``, ``optim``, ``data`` or
-        ``checkpoint``): fit the Gaussian, check its PSIS k-hat, continue with a flow guide when
+    :param bool escalate: with ``guide=None`` (and no ``loss``, ``optim``, ``data``,
+        ``checkpoint`` or ``num_steps``): fit the Gaussian, check its PSIS k-hat, continue with a flow guide when
         k-hat >= 0.7, and mark the draws for PSIS resampling (:mod:`.escalate`;
         ``result.stages`` says what ran and why).  ``False``: one Gaussian run.
     :param reparam: ``"noncentered"``: fit the model rewritten by
@@ -643,10 +643,10 @@ def fit(
     if check_reparam(reparam) is not None:
         model = noncentered(model)
     if escalate and guide is None and loss is None and optim is None and data is None \
-            and checkpoint is None:
+            and checkpoint is None and num_steps is None:
         if seed is not None:
             pyro.set_rng_seed(seed)
-        options = dict(num_steps=num_steps, progress=progress, convergence=convergence,
+        options = dict(progress=progress, convergence=convergence,
                        callbacks=callbacks, compile=compile, skip_nonfinite=skip_nonfinite,
                        init=init, **({} if max_steps == 10_000 else {"max_steps": max_steps}))
         return escalating_fit(fit, model, args, kwargs, options)
