@@ -126,6 +126,16 @@ def test_the_inverse_is_exact():
     assert isinstance(transform, RealNVPTransform)
 
 
+def test_posterior_of_gives_the_joint_and_refuses_marginals_with_a_reason():
+    pyro.clear_param_store()
+    guide = AutoRealNVP(funnel)
+    guide()
+    draws = posterior_of(guide, joint=True).sample((10,))
+    assert draws["v"].shape == (10,) and draws["x"].shape == (10, FUNNEL_DIM - 1)
+    with pytest.raises(TypeError, match="joint=True"):
+        posterior_of(guide)
+
+
 def test_one_latent_dimension_is_refused_with_a_reason():
     def model():
         pyro.sample("z", dist.Normal(0.0, 1.0))

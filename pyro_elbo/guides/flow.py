@@ -25,14 +25,15 @@ importance weighting, and optimization", NeurIPS) recommend: sticking the landin
 2017), a batch of particles, a fixed small Adam step; then importance-weighted (PSIS) draws.
 :func:`flow_objective` and :func:`flow_optimizer` are those defaults.
 
-**STL is correct by construction.**  The parameter-detached ``log q`` that STL needs is
-``log q_{stop(phi)}(u)`` at the sampled ``u``.  ``get_posterior`` builds its transforms afresh on
-every call, from ``pyro.param`` values, so the engine's parameter-detached replay gets new
-transform objects over detached parameters: their caches are empty, and ``log_prob(u)`` inverts
-the flow exactly (affine couplings have a closed-form inverse) instead of returning the cached
-noise ``epsilon`` of the sampling pass (which would silently turn STL into the plain
-reparameterization gradient).  ``tests/test_flow.py`` checks the STL gradient is exactly zero
-when q is the posterior.
+**STL is correct by construction.**  STL needs ``log q`` with the parameters held constant at
+the sampled ``u`` (equivalently, the direct part ``grad_phi log q_phi(stop(u))`` to subtract).
+``get_posterior`` builds its transform afresh on every call, from ``pyro.param`` values, and the
+transform remembers only the one ``(epsilon, u)`` pair it produced: ``log_prob`` at any other
+tensor (a detached copy of ``u``, or ``u`` under another guide call with detached parameters)
+inverts the flow exactly (affine couplings have a closed-form inverse) instead of returning the
+cached noise ``epsilon`` of the sampling pass, which would silently turn STL into the plain
+reparameterization gradient.  ``tests/test_flow.py`` checks the STL gradient is exactly zero
+when q is the posterior, and the plain reparameterization gradient is not.
 """
 
 from __future__ import annotations
@@ -231,7 +232,7 @@ class AutoRealNVP(AutoContinuous):
 
     def get_transform(self, *args, **kwargs):
         """The flow as one :class:`RealNVPTransform`, built afresh from the current parameter
-        values (read through ``pyro.param``: a parameter-detached replay detaches them)."""
+        values (read through ``pyro.param``)."""
         weights, layers = self.coupling_weights, []
         for cond, rest, offset, shapes in self._layout:
             tensors = []
@@ -249,6 +250,12 @@ class AutoRealNVP(AutoContinuous):
 
     def _loc_scale(self, *args, **kwargs):
         raise NotImplementedError("AutoRealNVP has no closed-form loc and scale; sample it")
+
+    def posterior_distributions(self, *args, **kwargs):
+        raise TypeError(
+            "AutoRealNVP has no closed-form per-site marginals; sample the joint instead: "
+            "posterior_of(guide, joint=True).sample((n,)) or pyro_elbo.to_inference_data"
+        )
 
     def joint_posterior(self, *args, **kwargs):
         """q over every latent site (a :class:`~pyro_elbo.guides.JointPosterior` whose base is
@@ -271,9 +278,7 @@ class AutoRealNVP(AutoContinuous):
 
 
 def _detached_flow(guide):
-    from pyro_elbo.engine.handlers import DetachParams, detached_parameters
-
-    with DetachParams(), detached_parameters(guide):
+    with torch.no_grad():  # the parameters read here carry no graph
         return guide.get_posterior()
 
 
