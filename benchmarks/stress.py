@@ -493,18 +493,23 @@ def score(case: Case, guide, num_draws: int = 4000, with_khat: bool = True) -> d
     with torch.random.fork_rng():
         torch.manual_seed(12345)
         draws = joint.sample((num_draws,))
-    errors, ratios = [], []
+    errors, ratios, sites = [], [], {}
     for name, ref in case.reference.items():
         flat = draws[name].detach().double().reshape(num_draws, -1)
         ref_mean = torch.tensor(ref["mean"], dtype=torch.float64)
         ref_sd = torch.tensor(ref["sd"], dtype=torch.float64)
-        errors += ((flat.mean(0) - ref_mean).abs() / ref_sd).tolist()
-        ratios += (flat.std(0) / ref_sd).tolist()
+        site_errors = ((flat.mean(0) - ref_mean).abs() / ref_sd).tolist()
+        site_ratios = (flat.std(0) / ref_sd).tolist()
+        sites[name] = {"max_mean_error": max(site_errors), "min_sd_ratio": min(site_ratios),
+                       "max_sd_ratio": max(site_ratios)}
+        errors += site_errors
+        ratios += site_ratios
     out = {
         "max_mean_error": max(errors),
         "median_sd_ratio": statistics.median(ratios),
         "min_sd_ratio": min(ratios),
         "max_sd_ratio": max(ratios),
+        "sites": sites,
     }
     if case.oracle is not None:
         q = _as_mvn(posterior_of(guide, *case.args))
@@ -782,17 +787,22 @@ def psis_score(case: Case, guide, num_draws: int = 4000) -> dict:
     weights ``p(x, z) / q(z)``, smoothed by ``arviz.psislw``."""
     log_w, model_trace = _importance(case, guide, num_draws, 54321)
     weights, k = _psis(log_w)
-    errors, ratios = [], []
+    errors, ratios, sites = [], [], {}
     for name, ref in case.reference.items():
         flat = model_trace.nodes[name]["value"].detach().double().reshape(num_draws, -1)
         mean = (weights[:, None] * flat).sum(0)
         sd = ((weights[:, None] * (flat - mean).pow(2)).sum(0)).sqrt()
         ref_mean = torch.tensor(ref["mean"], dtype=torch.float64)
         ref_sd = torch.tensor(ref["sd"], dtype=torch.float64)
-        errors += ((mean - ref_mean).abs() / ref_sd).tolist()
-        ratios += (sd / ref_sd).tolist()
+        site_errors = ((mean - ref_mean).abs() / ref_sd).tolist()
+        site_ratios = (sd / ref_sd).tolist()
+        sites[name] = {"max_mean_error": max(site_errors), "min_sd_ratio": min(site_ratios),
+                       "max_sd_ratio": max(site_ratios)}
+        errors += site_errors
+        ratios += site_ratios
     return {"max_mean_error": max(errors), "median_sd_ratio": statistics.median(ratios),
-            "min_sd_ratio": min(ratios), "max_sd_ratio": max(ratios), "khat": k}
+            "min_sd_ratio": min(ratios), "max_sd_ratio": max(ratios), "khat": k,
+            "sites": sites}
 
 
 # -------------------------------------------------------------------------------- the suite
@@ -835,7 +845,8 @@ def run_case(case: Case, settings=SETTINGS, quick: bool = False) -> dict:
             row["raw"] = {k: row[k] for k in ("max_mean_error", "median_sd_ratio",
                                               "min_sd_ratio", "max_sd_ratio")}
             psis = psis_score(case, guide)
-            row.update({k: psis[k] for k in row["raw"]})
+            row["raw"]["sites"] = row.get("sites")
+            row.update({k: psis[k] for k in (*row["raw"], "sites") if k in psis})
         rows[setting] = row
         extra = f" KL={row['kl']:.3g}" if "kl" in row else ""
         stages = " -> ".join(f"{st['name']}({st['khat']:.2f}, {st['seconds']}s)"
@@ -860,8 +871,11 @@ def _label(setting, row):
     stages = row.get("stages")
     if setting != "fit" or not stages:
         return setting
-    names = "+".join(st["name"] + (" (not kept)" if "not returned" in st["reason"] else "")
-                     for st in stages)
+    def note(reason):
+        return (" failed" if reason.startswith("failed") else
+                " (not kept)" if "not returned" in reason else "")
+
+    names = "+".join(st["name"] + note(st["reason"]) for st in stages)
     return f"fit ({names}{', PSIS draws' if row.get('resample') == 'psis' else ''})"
 
 
@@ -893,6 +907,8 @@ def markdown(results: dict) -> str:
         if "max_abs_correlation" in ref:
             ref_text = (f"exact; max corr {ref['max_abs_correlation']:.5f}, sd ratio "
                         f"{ref['sd_ratio']:.2g}")
+        elif ref.get("method", "").startswith("exact"):
+            ref_text = ref["method"]
         else:
             ref_text = f"NUTS, min ESS {ref.get('min_ess')}, {ref.get('divergences')} div."
         for setting, row in case["rows"].items():
