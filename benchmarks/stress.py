@@ -910,7 +910,8 @@ def markdown(results: dict) -> str:
         elif ref.get("method", "").startswith("exact"):
             ref_text = ref["method"]
         else:
-            ref_text = f"NUTS, min ESS {ref.get('min_ess')}, {ref.get('divergences')} div."
+            ref_text = (f"NUTS {ref.get('seconds')} s, min ESS {ref.get('min_ess')}, "
+                        f"{ref.get('divergences')} div.")
         for setting, row in case["rows"].items():
             lines.append(
                 f"| {name} | {ref_text} | {_label(setting, row)} | {_fmt(row['max_mean_error'])} | "

@@ -226,6 +226,7 @@ def test_escalation_continues_with_the_flow_on_a_funnel():
     names = [s.name for s in result.stages]
     assert names == ["gaussian", "flow"]
     assert result.stages[0].khat >= 0.7 and "continuing with a flow" in result.stages[0].reason
+    assert "a funnel at ['x']" in result.stages[0].reason  # and the cure is named
     assert all(s.seconds > 0 for s in result.stages)
     assert result.stages[1].num_steps == 300
 

@@ -172,6 +172,7 @@ def escalating_fit(fit, model, args, kwargs, options):
                     gaussian.num_steps, gaussian.converged)]
     best, best_k = gaussian, k
     dim = latent_dim(model, *args, **kwargs)
+    run_flow = False
     if k < ESCALATE_KHAT:
         stages[0].reason = (f"k-hat {k:.2f} < {ESCALATE_KHAT}: the Gaussian holds the posterior "
                             "(PSIS-resampled draws are reliable)")
@@ -180,6 +181,10 @@ def escalating_fit(fit, model, args, kwargs, options):
                             f"{FLOW_MAX_DIM} latent dimensions (the model has {dim})")
     else:
         stages[0].reason = f"k-hat {_k(k)} >= {ESCALATE_KHAT}: continuing with a flow"
+        run_flow = True
+    if not k < ESCALATE_KHAT:  # (nan included)
+        stages[0].reason += _funnel_note(model, gaussian.guide, args, kwargs)
+    if run_flow:
         start = time.perf_counter()
         try:
             flow = _flow_stage(fit, model, gaussian.guide, args, kwargs,
@@ -203,6 +208,22 @@ def escalating_fit(fit, model, args, kwargs, options):
     # init: the Laplace stage the pipeline started from (the flow stage starts from the Gaussian)
     return dataclasses.replace(best, seconds=time.perf_counter() - started, stages=stages,
                                resample=resample, khat=best_k, init=gaussian.init)
+
+
+def _funnel_note(model, guide, args, kwargs):
+    """``"; a funnel at ..."`` when the Gaussian's draws show a scale set by other latents."""
+    from pyro_elbo.diagnostics.trust import funnel_sites
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            sites = funnel_sites(model, guide, *args, **kwargs)
+        except Exception:  # noqa: BLE001 - a note, not a requirement
+            return ""
+    if not sites:
+        return ""
+    return (f"; a funnel at {sites} (their scale moves with other latents): "
+            "fit(..., reparam='noncentered') is the cure")
 
 
 def _k(k):
