@@ -14,7 +14,12 @@ and ``stress.md``.  Every data set is generated here (fixed seeds):
 * ``poisson``: a Poisson GLM with an exposure offset and raw-scale predictors, N = 500;
 * ``ar2``: an AR(2) series with mean 100, T = 300;
 * ``mixture``: a two-component Gaussian mixture with ordered locations (OrderedTransform prior),
-  the assignment marginalized, N = 400.
+  the assignment marginalized, N = 400;
+* ``funnel``: Neal's funnel in 10 dimensions (exact marginals); ``banana``: a twisted Gaussian
+  (exact moments);
+* ``gp_poisson``: Poisson counts under a latent GP with latent lengthscale and amplitude, N = 30;
+  ``hier_logistic``: logistic regression with 50 centered group intercepts, N = 1000 (NUTS
+  500 + 1000 draws for these two).
 
 The NUTS cases are float32, as users' models usually are.  NUTS runs in the whitened
 coordinates of the Laplace approximation (a linear reparameterization: the target is unchanged;
@@ -27,7 +32,9 @@ the exact cases, and PSIS k-hat of the fitted guide (Yao et al. 2018).  Settings
 
 * ``pyro_mf``, ``pyro_mvn``: Pyro's defaults: AutoNormal or AutoMultivariateNormal
   (``init_scale=0.1``), ``Adam(lr=0.01)``, 5,000 steps, ``Trace_ELBO``;
-* ``fit``: ``pyro_elbo.fit(model, None, *args)``, every default, stopped by its rule;
+* ``fit``: ``pyro_elbo.fit(model, None, *args)``, every default (the escalating one: Gaussian,
+  then a flow when k-hat >= 0.7); scored on its PSIS-resampled draws when ``result.resample``
+  says so (the raw guide's scores under ``raw`` in the JSON);
 * ``ours``: the stages ``pyro_elbo.fit`` runs by default, by hand for a fixed budget:
   :func:`pyro_elbo.init.recommended_guide`,
   :func:`pyro_elbo.init.laplace_init`, then :class:`pyro_elbo.init.WhitenedAdam` and the STL
