@@ -13,7 +13,6 @@ fresh subprocesses (``--memory``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -28,6 +27,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from benchmarks.models import PROBLEMS
+from pyro_elbo.cli import parser as cli_parser
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -175,12 +175,15 @@ def format_markdown(results, memory) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--problems", nargs="*", default=list(PROBLEMS), choices=list(PROBLEMS))
-    parser.add_argument("--particles", nargs="*", type=int, default=[1, 16])
+    parser = cli_parser("python -m benchmarks", __doc__)
+    parser.add_argument("--problems", nargs="*", default=list(PROBLEMS), choices=list(PROBLEMS),
+                        help="the problems to time")
+    parser.add_argument("--particles", nargs="*", type=int, default=[1, 16],
+                        help="particle counts K to time each problem at")
     parser.add_argument("--steps", type=int, default=100, help="timed steps per block")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
-    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=30,
+                        help="untimed steps before each contender's first block")
     parser.add_argument("--memory", action="store_true", help="also measure VAE peak RSS")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -20,7 +20,6 @@ Writes ``benchmarks/results/estimators.{json,md}`` and prints the markdown table
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -157,14 +156,16 @@ def markdown(config, convergence, snr) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.estimators", description=__doc__)
+    from pyro_elbo.cli import parser as cli_parser
+
+    parser = cli_parser("python -m benchmarks.estimators", __doc__)
     parser.add_argument("--steps", type=int, default=5000, help="SVI steps per estimator")
     parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
     parser.add_argument("--particles", type=int, default=8, help="K for the convergence runs")
     parser.add_argument("--every", type=int, default=10, help="steps between KL checks")
     parser.add_argument("--draws", type=int, default=200, help="gradient draws per SNR entry")
     parser.add_argument("--snr-warmup", type=int, default=1500, help="ELBO steps before SNR")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of every run")
     parser.add_argument("--float32", action="store_true", help="run in float32 (default 64)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     args = parser.parse_args(argv)

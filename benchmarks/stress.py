@@ -44,7 +44,6 @@ the exact cases, and PSIS k-hat of the fitted guide (Yao et al. 2018).  Settings
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -979,14 +978,20 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=SETTINGS)
+    from pyro_elbo.cli import parser as cli_parser
+
+    parser = cli_parser("python -m benchmarks.stress", __doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES),
+                        help="the posteriors to fit")
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=SETTINGS,
+                        help="the fit settings to run on each case")
     parser.add_argument("--quick", action="store_true", help="a fifth of the steps")
     parser.add_argument("--experiments", nargs="*", default=[],
-                        choices=["conditioning", "guides"])
+                        choices=["conditioning", "guides"],
+                        help="extra experiments to run (written next to the suite's results)")
     parser.add_argument("--no-suite", action="store_true", help="only the experiments")
-    parser.add_argument("--refresh-reference", action="store_true")
+    parser.add_argument("--refresh-reference", action="store_true",
+                        help="recompute the NUTS reference draws instead of reading them")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     pyro.enable_validation(False)  # speed only: the numbers do not depend on it

@@ -32,7 +32,12 @@ done here with one all-reduce of the unconstrained parameters' gradients:
    gradients, packed in one buffer per dtype together with the loss, then the same optimizer
    step on every rank.  Parameters stay identical across ranks without being sent again;
 5. checkpoints (optional) are written by rank 0 only, atomically: a temporary file, ``fsync``,
-   then ``os.replace``.
+   then ``os.replace`` (:mod:`pyro_elbo.fit.checkpoint`).  As in ``fit``, rank 0 checks and
+   locks the path before step 1, a resume compares the run's identity (parameters and their
+   dtypes, objective, optimizer, data, seed, batches; :mod:`pyro_elbo.fit.identity`) and
+   applies a new learning rate with a one-line notice, a failed write keeps the previous
+   checkpoint (``checkpoint_error`` on the result), and SIGINT/SIGTERM on any rank stop every
+   rank after the same step, checkpointed (the flag travels in the gradient all-reduce).
 
 The model and the guide are called as::
 
@@ -78,6 +83,7 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 from pyro_elbo.fit import checkpoint as ckpt
+from pyro_elbo.fit import identity, interrupt, location
 
 __all__ = [
     "DistributedContext",
@@ -242,6 +248,8 @@ class _Shards:
             shuffle=shuffle,
             seed=seed,
         )
+        if self.size == 0:
+            raise ValueError("data have no rows: pass data with at least batch_size rows")
         self.per_rank = batch_size // ctx.world_size
         self.batches_per_epoch = len(self.sampler) // self.per_rank
         if self.batches_per_epoch < 1:
@@ -399,9 +407,10 @@ class _Synchronizer:
                 dist.broadcast(flat, src=0)
                 self._unpack(flat, members, lambda i, v: self.params[i].copy_(v))
 
-    def average(self, loss: float) -> float:
-        """Average the parameters' ``.grad`` in place across ranks; return the mean loss."""
-        mean_loss = loss
+    def average(self, loss: float, stop: bool = False) -> tuple[float, bool]:
+        """Average the parameters' ``.grad`` in place across ranks; return the mean loss and
+        whether any rank asked to ``stop`` (a signal)."""
+        mean_loss, stop_any = loss, stop
         for key, members in self.groups:
             parts = []
             for i in members:
@@ -411,15 +420,15 @@ class _Synchronizer:
                 )
             carries_loss = key == self.loss_key
             if carries_loss:
-                parts.append(torch.tensor([loss], dtype=key[0], device=key[1]))
+                parts.append(torch.tensor([loss, float(stop)], dtype=key[0], device=key[1]))
             flat = torch.cat(parts)
             if self.world_size > 1:
                 dist.all_reduce(flat)
                 flat /= self.world_size
             if carries_loss:
-                mean_loss = float(flat[-1])
+                mean_loss, stop_any = float(flat[-2]), bool(flat[-1] > 0)
             self._unpack(flat, members, self._set_grad)
-        return mean_loss
+        return mean_loss, stop_any
 
     def _set_grad(self, i, value):
         p = self.params[i]
@@ -495,7 +504,10 @@ class DistributedResult:
     * ``seconds``: wall time of this call's steps; ``step_seconds``: each of them;
     * ``param_names``: the parameters optimized (in the param store);
     * ``rank``, ``world_size``, ``backend``, ``device``, ``batch_size`` (global),
-      ``batch_size_per_rank``, ``epochs`` (passes over the data).
+      ``batch_size_per_rank``, ``epochs`` (passes over the data);
+    * ``stopped_by``: ``"SIGINT"``/``"SIGTERM"`` when a signal to this rank ended the run early
+      (``"a signal on another rank"`` when it went to another), else ``""``;
+    * ``checkpoint_error``: the error of a checkpoint write that failed (rank 0), else ``None``.
     """
 
     losses: list[float]
@@ -511,6 +523,8 @@ class DistributedResult:
     batch_size: int
     batch_size_per_rank: int
     epochs: float
+    stopped_by: str = ""
+    checkpoint_error: Exception | None = None
 
 
 def _positive_int(name, value):
@@ -571,6 +585,9 @@ def fit_distributed(
     :param bool resume: when ``checkpoint`` exists, continue from it (rank 0 reads it and sends
         it to the others).  With the same number of ranks the continuation is exact (RNG
         states of all ranks are saved); with a different number, the ranks are reseeded.
+        A checkpoint of another run (parameters or their dtypes, objective, optimizer, data,
+        seed, batches) raises ``CheckpointMismatchError``; a new ``lr`` or ``num_steps`` is
+        applied with a one-line ``ResumeNotice``.
     :param int log_every: rank 0 prints the mean loss every this many steps (0: never).
     """
     num_steps = _positive_int("num_steps", num_steps)
@@ -578,6 +595,11 @@ def fit_distributed(
     checkpoint_every = _positive_int("checkpoint_every", checkpoint_every)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (0 < lr < math.inf):
+        raise ValueError(
+            f"lr must be a positive number, got {lr!r} (with lr=0 no step would move the "
+            "parameters)"
+        )
     if loss is None:
         from pyro_elbo.objectives.elbo import ELBO
 
@@ -594,6 +616,28 @@ def fit_distributed(
             f"{max(1, batch_size // ctx.world_size) * ctx.world_size}"
         )
     shards = _Shards(data, ctx, batch_size, seed, shuffle)
+    lock, error = None, None
+    if checkpoint is not None and ctx.is_main:
+        try:  # before any compute: a path that cannot be written, or a second writer
+            lock = location.claim(checkpoint)
+        except ckpt.CheckpointError as e:
+            error = e
+    if checkpoint is not None:
+        _all_ranks_ok(ctx, error)
+    try:
+        return _fit(
+            model, guide, data, ctx, shards, loss, optim, lr, scheduler, seed, shuffle,
+            num_steps, batch_size, checkpoint, checkpoint_every, resume, log_every,
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(
+    model, guide, data, ctx, shards, loss, optim, lr, scheduler, seed, shuffle,
+    num_steps, batch_size, checkpoint, checkpoint_every, resume, log_every,
+):
     pyro.set_rng_seed(seed + ctx.rank)
 
     def args_of(step):
@@ -639,6 +683,15 @@ def fit_distributed(
                 "create the model's tensors on the data's device"
             )
     optimizer = _Optimizer(optim, lr, scheduler, params)
+    run = _identity(loss, optimizer, data, seed, shuffle, batch_size, scheduler)
+    if checkpoint is not None:
+        error = None
+        try:
+            if ctx.is_main:
+                location.check_space(checkpoint, location.estimate_bytes(params, num_steps))
+        except ckpt.CheckpointError as e:
+            error = e
+        _all_ranks_ok(ctx, error)
     sync = _Synchronizer(params, ctx.world_size)
     num_params_in_store = len(pyro.get_param_store())
 
@@ -650,16 +703,24 @@ def fit_distributed(
         if exists:
             state = _broadcast_object(ctx, load_checkpoint(checkpoint) if ctx.is_main else None)
     if state is not None:
-        if sorted(state["params"]) != names:
-            raise ValueError(
-                f"checkpoint {checkpoint!r} holds parameters {sorted(state['params'])[:5]}..., "
-                f"not this model and guide's {names[:5]}...; delete it or pass resume=False"
-            )
+        saved = sorted(state["params"])
+        ckpt.check_fingerprint(
+            ckpt.fingerprint(saved, [state["params"][n] for n in saved]),
+            ckpt.fingerprint(names, params),
+            checkpoint,
+        )
+        notices = identity.compare(state["run"], run, checkpoint) if "run" in state else []
+        if state.get("num_steps", num_steps) != num_steps:
+            notices.append(f"up to {num_steps} steps (the checkpoint's call asked for "
+                           f"{state['num_steps']})")
         with torch.no_grad():
             for name, p in zip(names, params):
                 p.copy_(state["params"][name].to(p.device))
-        optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer(optimizer, state, run, checkpoint)
         start, losses = int(state["step"]), list(state["losses"])
+        if notices and ctx.is_main:
+            warnings.warn(f"resuming {checkpoint!r} at step {start}: {'; '.join(notices)}",
+                          ckpt.ResumeNotice, stacklevel=3)
     sync.broadcast_params()
     if state is not None:
         if state["world_size"] == ctx.world_size:
@@ -672,59 +733,48 @@ def fit_distributed(
             )
             pyro.set_rng_seed(seed + ctx.rank + ctx.world_size * start)
 
+    written = {"error": None}
+
     def save(step):
         rng = _gather(ctx, ckpt.get_rng_state())
         if not ctx.is_main:
             return
         with torch.no_grad():
             values = {n: p.detach().cpu().clone() for n, p in zip(names, params)}
-        ckpt.save_atomic(
-            {
-                "format": FORMAT,
-                "step": step,
-                "params": values,
-                "optimizer": optimizer.state_dict(),
-                "rng": rng,
-                "losses": losses,
-                "world_size": ctx.world_size,
-                "seed": seed,
-                "batch_size": batch_size,
-            },
-            checkpoint,
-        )
+        state = {
+            "format": FORMAT,
+            "step": step,
+            "params": values,
+            "optimizer": optimizer.state_dict(),
+            "rng": rng,
+            "losses": losses,
+            "world_size": ctx.world_size,
+            "seed": seed,
+            "batch_size": batch_size,
+            "run": run,
+            "num_steps": num_steps,
+        }
+        try:
+            ckpt.save_atomic(state, checkpoint)
+        except ckpt.CheckpointWriteError as e:  # keep going: the parameters stay in memory
+            if written["error"] is None:
+                warnings.warn(str(e), RuntimeWarning, stacklevel=2)
+            written["error"] = e
 
     # ---- the loop
     step_seconds = []
     t_start = time.perf_counter()
-    for step in range(start, num_steps):
-        t0 = time.perf_counter()
-        batch, kwargs = args_of(step)
-        for p in params:
-            p.grad = None
-        value = loss.loss_and_grads(model, guide, *batch, **kwargs)
-        if len(pyro.get_param_store()) != num_params_in_store:
-            raise RuntimeError(
-                f"step {step}: the model or guide created new parameters after the first step "
-                f"({sorted(set(pyro.get_param_store().keys()) - set(names))[:5]}); "
-                "fit_distributed needs a static set of parameters"
-            )
-        mean_loss = sync.average(float(value))
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(
-                f"step {step}: the loss averaged over ranks is {mean_loss}; lower the learning "
-                "rate or check the model for invalid values"
-            )
-        optimizer.step()
-        losses.append(mean_loss)
-        step_seconds.append(time.perf_counter() - t0)
-        done = step + 1
-        if log_every and done % log_every == 0 and ctx.is_main:
-            print(f"step {done}/{num_steps}  loss {mean_loss:.6g}", flush=True)
-        if checkpoint is not None and (done % checkpoint_every == 0 or done == num_steps):
-            save(done)
+    signals = interrupt.DeferSignals(sigterm=checkpoint is not None)
+    with signals:
+        done, stopped = _loop(
+            model, guide, loss, ctx, args_of, params, optimizer, sync, names, losses,
+            step_seconds, start, num_steps, log_every, checkpoint, checkpoint_every, save,
+            signals, num_params_in_store,
+        )
     seconds = time.perf_counter() - t_start
-
-    return DistributedResult(
+    if stopped and checkpoint is not None and done % checkpoint_every and done != num_steps:
+        save(done)  # the step every rank stopped after
+    result = DistributedResult(
         losses=losses,
         num_steps=len(losses),
         start_step=start,
@@ -738,4 +788,122 @@ def fit_distributed(
         batch_size=batch_size,
         batch_size_per_rank=shards.per_rank,
         epochs=len(losses) / shards.batches_per_epoch,
+        stopped_by=(signals.name or "a signal on another rank") if stopped else "",
+        checkpoint_error=written["error"],
     )
+    interrupt.redeliver(signals.received)  # SIGTERM ends the process, after the checkpoint
+    return result
+
+
+def _loop(
+    model, guide, loss, ctx, args_of, params, optimizer, sync, names, losses, step_seconds,
+    start, num_steps, log_every, checkpoint, checkpoint_every, save, signals,
+    num_params_in_store,
+):
+    """The steps; returns ``(steps done, whether a signal stopped them)``."""
+    done = start
+    for step in range(start, num_steps):
+        t0 = time.perf_counter()
+        batch, kwargs = args_of(step)
+        for p in params:
+            p.grad = None
+        try:
+            value = loss.loss_and_grads(model, guide, *batch, **kwargs)
+        except ValueError as error:  # Pyro's validation refusing NaN data: say so
+            if _nonfinite_rows(batch):
+                raise _nonfinite(step, math.nan, batch) from error
+            raise
+        if len(pyro.get_param_store()) != num_params_in_store:
+            raise RuntimeError(
+                f"step {step}: the model or guide created new parameters after the first step "
+                f"({sorted(set(pyro.get_param_store().keys()) - set(names))[:5]}); "
+                "fit_distributed needs a static set of parameters"
+            )
+        mean_loss, stop = sync.average(float(value), signals.received is not None)
+        if not math.isfinite(mean_loss):
+            raise _nonfinite(step, mean_loss, batch)
+        optimizer.step()
+        losses.append(mean_loss)
+        step_seconds.append(time.perf_counter() - t0)
+        done = step + 1
+        if log_every and done % log_every == 0 and ctx.is_main:
+            print(f"step {done}/{num_steps}  loss {mean_loss:.6g}", flush=True)
+        if checkpoint is not None and (done % checkpoint_every == 0 or done == num_steps):
+            save(done)
+        if stop:  # a signal on some rank: every rank stops after this same step
+            return done, True
+    return done, False
+
+
+def _nonfinite(step, mean_loss, batch):
+    """The error of a non-finite loss: NaN/inf in this step's data, or in the computation."""
+    from pyro_elbo.fit.loop import NonFiniteError
+
+    bad = _nonfinite_rows(batch)
+    if bad:
+        what = (
+            f"this step's batch holds NaN/inf in data tensor(s) {bad} (on this rank); the "
+            "learning rate is not the cause. Remove or impute those rows, or mask them"
+        )
+    else:
+        what = (
+            "this rank's batch is finite (if another rank reports NaN/inf in its data, that is "
+            "the cause); else lower the learning rate, or check the model for operations that "
+            "fail for some latent values"
+        )
+    return NonFiniteError(
+        f"step {step + 1}: the loss averaged over ranks is {mean_loss}: {what}.", step=step + 1
+    )
+
+
+def _nonfinite_rows(batch) -> list[int]:
+    """The data tensors of a batch that hold NaN/inf."""
+    return [
+        i
+        for i, t in enumerate(batch)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(t.isfinite().all())
+    ]
+
+
+def _identity(loss, optimizer, data, seed, shuffle, batch_size, scheduler) -> dict:
+    """The run's identity (:mod:`pyro_elbo.fit.identity`), stored in its checkpoints."""
+    described = identity.describe_optimizer(optimizer.torch_optim or optimizer.pyro_optim)
+    if described["lr"] is not None and any(v == 0 for v in described["lr"]):
+        raise ValueError(
+            f"the optimizer's learning rate is 0 ({described['type']}): no step would move the "
+            "parameters. Pass a positive lr."
+        )
+    kind, rows, _ = _inspect_data(data)
+    return identity.describe_run(
+        structure=None,
+        objective=loss,
+        optimizer=described,
+        args=list(rows) if kind == "tensors" else (),
+        kwargs={
+            "batch_size": batch_size,
+            "shuffle": bool(shuffle),
+            "scheduler": None if scheduler is None else identity._name(scheduler),
+        },
+        data=None if kind == "tensors" else rows,
+        seed=seed,
+    )
+
+
+def _load_optimizer(optimizer, state, run, path):
+    saved = (state.get("run") or {}).get("optimizer") or {}
+    lrs = run["optimizer"]["lr"]
+    optim_state = state["optimizer"]
+    if lrs is not None and saved.get("lr") is not None and saved["lr"] != lrs:
+        if "torch" in optim_state:
+            optim_state = {**optim_state, "torch": identity.with_lr(optim_state["torch"], lrs, "torch")}
+        else:
+            optim_state = {"pyro": identity.with_lr(optim_state["pyro"], lrs, "pyro")}
+    try:
+        optimizer.load_state_dict(optim_state)
+    except (KeyError, ValueError, IndexError, TypeError) as error:
+        raise ckpt.CheckpointMismatchError(
+            f"the optimizer state in the checkpoint {path!r} does not fit this run's optimizer "
+            f"({type(error).__name__}: {error}). Pass the optimizer of the run that wrote it, or "
+            "resume=False to start over."
+        ) from None
+

@@ -458,8 +458,42 @@ def test_result_plot_draws_the_loss_trace():
     assert isinstance(fig, matplotlib.figure.Figure)
     line = fig.axes[0].lines[0]
     assert np.array_equal(line.get_xdata(), np.arange(1, 61))
-    assert np.array_equal(line.get_ydata(), result.losses)
+    final = result.losses[-6:].mean()  # no averaging: the mean of the last tenth
+    np.testing.assert_allclose(line.get_ydata(), result.losses - final, rtol=0, atol=1e-9)
     assert "not converged after 60 steps" in fig.axes[0].get_title()
+    assert fig.axes[0].get_ylabel() == f"loss − final ({final:.6g})"
+
+
+def test_result_plot_after_laplace_is_relative_and_marks_the_stage():
+    # Laplace starts at the optimum: the losses fluctuate around a large value (~ -70); drawn
+    # relative to the final mean, without an offset, with the stage marked in the legend
+    matplotlib = pytest.importorskip("matplotlib")
+    oracle = NormalNormal.simulate(50, seed=0)
+    pyro.clear_param_store()
+    result = fit(oracle.model, AutoNormal(oracle.model), max_steps=300, progress=False, seed=0)
+    assert result.init.ran
+    fig = result.plot()
+    ax = fig.axes[0]
+    assert ax.yaxis.get_major_formatter().get_useOffset() is False
+    final = float(ax.get_ylabel().split("(")[1].rstrip(")"))
+    assert abs(final - result.losses[-30:].mean()) < 1e-3 * abs(final) + 1e-9
+    assert np.nanmax(np.abs(ax.lines[0].get_ydata())) < 50  # a readable scale, not ~1e2 offsets
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(label.startswith("start: Laplace stage") for label in labels)
+    assert isinstance(fig, matplotlib.figure.Figure)
+
+
+def test_max_steps_reason_states_what_was_checked():
+    oracle = NormalNormal.simulate(50, seed=0)
+    pyro.clear_param_store()
+    result = fit(oracle.model, AutoNormal(oracle.model), max_steps=300, progress=False, seed=0)
+    assert not result.converged
+    assert "too few" not in result.reason
+    assert "max_steps=300 reached without convergence" in result.reason
+    assert "split-R-hat is tested every 200 steps" in result.reason
+    assert "first test is at step 400" in result.reason
+    assert "stopped after 300 steps" in result.reason
+    assert "Raise max_steps to more than 400" in result.reason
 
 
 def test_one_shot_iterator_of_batches_loses_no_batch():
@@ -502,3 +536,16 @@ def test_keyboard_interrupt_returns_the_state_reached(tmp_path):
         oracle.model, AutoNormal(oracle.model), num_steps=50, progress=False, checkpoint=path
     )
     assert resumed.resumed_from == 5 and resumed.num_steps == 50
+
+
+def test_max_steps_reason_of_the_relative_rule_states_what_was_checked():
+    oracle = NormalNormal.simulate(50, seed=0)
+    pyro.clear_param_store()
+    result = fit(oracle.model, AutoNormal(oracle.model), max_steps=250, convergence="relative",
+                 progress=False, seed=0)
+    assert not result.converged
+    assert "compares the mean or median of 2 relative ELBO changes (one every 100 steps)" in (
+        result.reason
+    )
+    assert "first test is at step 300" in result.reason
+    assert "stopped after 250 steps (1 change(s))" in result.reason

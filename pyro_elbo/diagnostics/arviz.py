@@ -30,6 +30,15 @@ The posterior predictive draws each observed site from its distribution given th
 observed values of the sites before it), as ``az.plot_ppc`` and LOO-PIT expect for
 conditionally independent data.
 
+**Enumerated models.** A model fitted with ``TraceEnum_ELBO`` (discrete sites marked for
+parallel enumeration, absent from the guide) takes the path of
+:mod:`pyro_elbo.diagnostics.enumerated`: the continuous latents come from the guide, the
+discrete ones are drawn from their conditional posterior by ``infer_discrete``, and ``lp`` and
+the pointwise log-likelihood have the discrete sites summed out, so :func:`loo` applies as is.
+
+A guide that was never fitted gets an ``UnfittedGuideWarning``
+(:mod:`pyro_elbo.guides.unfitted`).
+
 **Versions.** The groups are built as plain numpy (:class:`InferenceDict`, no ArviZ import), then
 handed to ``arviz.from_dict`` (ArviZ < 1, an ``InferenceData``) or ``arviz_base.from_dict``
 (ArviZ >= 1, an ``xarray.DataTree``), by the installed version of the ``arviz`` distribution.
@@ -156,28 +165,73 @@ class InferenceDict:
 
     # ------------------------------------------------------------------ files
     def save(self, path) -> Path:
-        """Write ``<path>.npz`` (the arrays) and ``<path>.json`` (dims, coords, attrs); returns
-        the npz path.  :meth:`load` reads them back without torch or pyro."""
-        path = Path(path).with_suffix(".npz")
+        """Write ``<path>.npz`` (the arrays, and the metadata) and ``<path>.json`` (dims, coords,
+        attrs, readable); returns the npz path.  :meth:`load` reads them back without torch or
+        pyro.
+
+        ``path`` is a name, not a file with a suffix to replace: ``save("fit.seed1")`` writes
+        ``fit.seed1.npz`` (a trailing ``.npz`` or ``.json`` is dropped).  Each file is written
+        to a temporary file of its own and renamed over the old one, so a reader never sees a
+        torn file; the npz carries its own copy of the metadata, so :meth:`load` never pairs
+        arrays with the metadata of another save.
+        """
+        base = _base_path(path)
         arrays = {f"{g}/{v}": np.asarray(a) for g, vs in self.groups.items() for v, a in vs.items()}
-        np.savez(path, **arrays)
-        meta = {
-            "groups": {g: list(vs) for g, vs in self.groups.items()},
-            "dims": self.dims,
-            "coords": {d: np.asarray(c).tolist() for d, c in self.coords.items()},
-            "attrs": self.attrs,
-        }
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=_json_default))
-        return path
+        meta = json.dumps(
+            {
+                "groups": {g: list(vs) for g, vs in self.groups.items()},
+                "dims": self.dims,
+                "coords": {d: np.asarray(c).tolist() for d, c in self.coords.items()},
+                "attrs": self.attrs,
+            },
+            indent=1,
+            default=_json_default,
+        )
+        npz = base.with_name(base.name + ".npz")
+        _write_atomic(npz, lambda handle: np.savez(handle, **arrays, **{_META: np.array(meta)}))
+        _write_atomic(base.with_name(base.name + ".json"), lambda h: h.write(meta.encode()))
+        return npz
 
     @classmethod
     def load(cls, path) -> InferenceDict:
-        """Read what :meth:`save` wrote."""
-        path = Path(path).with_suffix(".npz")
-        meta = json.loads(path.with_suffix(".json").read_text())
-        with np.load(path, allow_pickle=False) as arrays:
+        """Read what :meth:`save` wrote (``path`` as given to it, or the npz path)."""
+        base = _base_path(path)
+        npz = base.with_name(base.name + ".npz")
+        with np.load(npz, allow_pickle=False) as arrays:
+            if _META in arrays.files:
+                meta = json.loads(str(arrays[_META]))
+            else:  # written before the metadata was stored in the npz
+                meta = json.loads(base.with_name(base.name + ".json").read_text())
             groups = {g: {v: arrays[f"{g}/{v}"] for v in vs} for g, vs in meta["groups"].items()}
         return cls(groups, meta["dims"], meta["coords"], meta["attrs"])
+
+
+#: the npz key of the metadata (group/variable keys always hold a "/")
+_META = "__meta__"
+
+
+def _base_path(path) -> Path:
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in (".npz", ".json") else path
+
+
+def _write_atomic(path: Path, write) -> None:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _json_default(value):
@@ -444,18 +498,29 @@ def to_dict(
     """
     import torch
 
+    from pyro_elbo.diagnostics.enumerated import find_enumerated, prototype, run_enumerated
     from pyro_elbo.engine.particles import guess_plate_nesting, run_particles
 
     num_samples = check_num_samples(num_samples)
     if resample not in (None, "psis"):
         raise ValueError(f"resample must be None or 'psis', got {resample!r}")
     loss_trace = None if losses is None else _loss_array(losses)
+    from pyro_elbo.guides.unfitted import param_names, warn_if_created
+
+    before = param_names(guide, "to_inference_data", stacklevel=5)
     with torch.no_grad():
         nesting = guess_plate_nesting(model, guide, args, kwargs)
-        proto = run_particles(
-            model, guide, args, kwargs, num_particles=1, plate_nesting=nesting, validate=True
-        )
-        layout = _Layout(proto.model_traces[0], proto.guide_traces[0], nesting)
+        # enumerated discrete sites, and a guide never fitted (from one blocked draw)
+        enumerated, guide_trace = find_enumerated(model, guide, args, kwargs)
+        warn_if_created(guide, before, guide_trace, "to_inference_data", stacklevel=5)
+        if enumerated:  # discrete sites summed out, drawn by infer_discrete
+            model_trace, guide_trace = prototype(model, guide, args, kwargs, nesting)
+        else:
+            proto = run_particles(
+                model, guide, args, kwargs, num_particles=1, plate_nesting=nesting, validate=True
+            )
+            model_trace, guide_trace = proto.model_traces[0], proto.guide_traces[0]
+        layout = _Layout(model_trace, guide_trace, nesting)
         if log_likelihood and not layout.observed:
             raise ValueError(
                 "the model has no observed site (pyro.sample(..., obs=data)), so there is no "
@@ -475,7 +540,12 @@ def to_dict(
         def collect(particles):
             return layout.collect(particles, posterior_predictive, log_likelihood)
 
-        groups = draw_particles(model, guide, args, kwargs, num_samples, nesting, collect)
+        if enumerated:
+            groups = collect(
+                run_enumerated(model, guide, args, kwargs, num_samples, nesting, log_likelihood)
+            )
+        else:
+            groups = draw_particles(model, guide, args, kwargs, num_samples, nesting, collect)
         attrs = _attrs(guide, num_samples)
         if resample == "psis":
             attrs["posterior"].update(_psis_resample(groups, num_samples))

@@ -25,6 +25,12 @@ biased low (Jensen again) and badly so when ``E_q[w^2]`` is infinite (k-hat > 0.
 narrower than the posterior by more than sqrt(2)); then the "upper" bound can fall below
 log p(x), so read it together with ``diagnose(...).khat``.  The estimates come from
 :mod:`pyro_elbo.engine.bounds`.
+
+A degenerate guide (a point mass: a scale below what its dtype resolves, an ``AutoDelta``)
+gives constant weights too, nowhere near log p(x) (:mod:`pyro_elbo.diagnostics.degenerate`):
+``Diagnosis.verdict`` is then ``"bad"`` with advice saying so, never "exact", and
+:class:`EvidenceBounds` keeps the IW lower bound (still one) and sets the upper one to +inf.
+:meth:`EvidenceBounds.contains` floors each SE at the weights' round-off ``resolution``.
 """
 
 from __future__ import annotations
@@ -34,9 +40,12 @@ from dataclasses import dataclass
 
 import torch
 
+import pyro_elbo.diagnostics.degenerate as degenerate
 from pyro_elbo.diagnostics.arviz import check_num_samples, draw_particles, psis_khat
+from pyro_elbo.diagnostics.enumerated import find_enumerated, run_enumerated
 from pyro_elbo.engine.bounds import cubo_estimate, elbo_estimate, iw_estimate
 from pyro_elbo.engine.particles import guess_plate_nesting, run_particles
+from pyro_elbo.guides.unfitted import param_names, warn_if_created
 
 __all__ = [
     "Diagnosis",
@@ -81,6 +90,7 @@ class Diagnosis:
     cubo: float
     cubo_se: float
     ess: float
+    degenerate: str = ""  #: why the guide is a point mass (then the verdict is "bad"), or ""
     funnel_sites: tuple = ()
 
     @property
@@ -90,12 +100,19 @@ class Diagnosis:
 
     @property
     def verdict(self) -> str:
-        """``"good"``, ``"ok"`` or ``"bad"``."""
-        return verdict(self.khat, self.num_samples)
+        """``"good"``, ``"ok"`` or ``"bad"`` (always ``"bad"`` for a degenerate guide)."""
+        return "bad" if self.degenerate else verdict(self.khat, self.num_samples)
 
     @property
     def advice(self) -> str:
         k, S = self.khat, self.num_samples
+        if self.degenerate:
+            return (
+                f"degenerate guide: {self.degenerate}. q is (numerically) a point mass, not the "
+                "posterior: k-hat, the IS log evidence and the ELBO say nothing about the fit. "
+                "The guide's scale collapsed (a diverged fit, or init_scale too small); refit, "
+                "e.g. with fit(..., init='laplace') or a smaller learning rate."
+            )
         if k == -math.inf:
             return "k-hat -inf: the importance weights are constant, q is the exact posterior."
         if self.verdict == "good":
@@ -132,7 +149,8 @@ class Diagnosis:
 
     def __repr__(self) -> str:
         return (
-            f"Diagnosis: {self.verdict} (k-hat {self.khat:.2f}, S={self.num_samples}, "
+            f"Diagnosis: {self.verdict}{' (degenerate guide)' if self.degenerate else ''} "
+            f"(k-hat {self.khat:.2f}, S={self.num_samples}, "
             f"ESS {self.ess:.0f})\n"
             f"  log p(x) (IS) {self.log_evidence:.4f} ± {self.log_evidence_se:.4f}\n"
             f"  ELBO          {self.elbo:.4f} ± {self.elbo_se:.4f}\n"
@@ -143,13 +161,17 @@ class Diagnosis:
 
 @dataclass
 class EvidenceBounds:
-    """``lower`` (IW) and ``upper`` (CUBO_2) estimates of log p(x), each with its SE."""
+    """``lower`` (IW) and ``upper`` (CUBO_2) estimates of log p(x), each with its SE;
+    ``resolution``: the round-off of the log weights in their dtype; ``degenerate``: why the
+    guide is a point mass (then ``upper`` is +inf: no upper bound), or ``""``."""
 
     lower: float
     lower_se: float
     upper: float
     upper_se: float
     num_samples: int
+    resolution: float = 0.0
+    degenerate: str = ""
 
     @property
     def width(self) -> float:
@@ -157,28 +179,47 @@ class EvidenceBounds:
         return self.upper - self.lower
 
     def contains(self, value, num_se: float = 3.0) -> bool:
-        """``lower - num_se * lower_se <= value <= upper + num_se * upper_se``.
+        """``lower - num_se * se_l <= value <= upper + num_se * se_u``, each SE floored at
+        ``resolution`` (constant log weights have SE 0, but are constant only up to round-off).
 
         The margin matters at the lower end: the IW estimate is below log p(x) in expectation
         only by about ``lower_se**2 / 2``, so for a good q it lands within noise of log p(x),
         on either side.
         """
         value = float(value)
-        return self.lower - num_se * self.lower_se <= value <= self.upper + num_se * self.upper_se
+        low = self.lower - num_se * max(self.lower_se, self.resolution)
+        high = self.upper + num_se * max(self.upper_se, self.resolution)
+        return low <= value <= high
 
     def __repr__(self) -> str:
+        if self.degenerate:
+            return (
+                f"EvidenceBounds({self.lower:.4f} ± {self.lower_se:.4f} <= log p(x), no upper "
+                f"bound: degenerate guide ({self.degenerate}), S={self.num_samples})"
+            )
         return (
             f"EvidenceBounds({self.lower:.4f} ± {self.lower_se:.4f} <= log p(x) <= "
             f"{self.upper:.4f} ± {self.upper_se:.4f}, S={self.num_samples})"
         )
 
 
-def log_weights(model, guide, *args, num_samples: int, **kwargs) -> torch.Tensor:
+def log_weights(
+    model, guide, *args, num_samples: int, where: str = "log_weights", **kwargs
+) -> torch.Tensor:
     """``log p(x, z_s) - log q(z_s)`` for S draws from the guide, shape ``(S,)`` (one vectorized
-    engine pass; a loop with a warning when the model does not vectorize)."""
+    engine pass; a loop with a warning when the model does not vectorize).  Discrete sites the
+    model enumerates are summed out of ``log p`` (:mod:`pyro_elbo.diagnostics.enumerated`)."""
     num_samples = check_num_samples(num_samples)
+    before = param_names(guide, where, stacklevel=5)
     with torch.no_grad():
         nesting = guess_plate_nesting(model, guide, args, kwargs)
+        # enumerated discrete sites, and a guide never fitted (from one blocked draw)
+        enumerated, guide_trace = find_enumerated(model, guide, args, kwargs)
+        warn_if_created(guide, before, guide_trace, where, stacklevel=5)
+        if enumerated:
+            draws = run_enumerated(model, guide, args, kwargs, num_samples, nesting,
+                                   log_likelihood=False, draw_discrete=False)
+            return (draws.log_p() - draws.log_q()).double()
         # one unvectorized, validated run: a guide that does not match the model fails here,
         # with an error naming the site
         run_particles(
@@ -197,9 +238,10 @@ def diagnose(model, guide, *args, num_samples: int = 10000, **kwargs) -> Diagnos
     ``args``/``kwargs`` go to model and guide (run on the full data).
     """
     num_samples = check_num_samples(num_samples, minimum=MIN_SAMPLES)
-    lw = log_weights(model, guide, *args, num_samples=num_samples, **kwargs)
+    lw = log_weights(model, guide, *args, num_samples=num_samples, where="diagnose", **kwargs)
     log_evidence, log_evidence_se = iw_estimate(lw)
     elbo, elbo_se = elbo_estimate(lw)
+    point_mass = degenerate.check_degenerate(model, guide, args, kwargs, lw)
     cubo, cubo_se = cubo_estimate(lw, n=2.0)
     ess = math.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0))
     khat = psis_khat(lw.numpy())
@@ -209,6 +251,7 @@ def diagnose(model, guide, *args, num_samples: int = 10000, **kwargs) -> Diagnos
     return Diagnosis(
         khat=khat,
         num_samples=num_samples,
+        degenerate=point_mass.reason,
         log_evidence=float(log_evidence),
         log_evidence_se=float(log_evidence_se),
         elbo=float(elbo),
@@ -270,17 +313,25 @@ def funnel_sites(model, guide, *args, num_samples: int = 500, **kwargs) -> list:
 def evidence_bounds(model, guide, *args, num_samples: int = 10000, **kwargs) -> EvidenceBounds:
     """Lower (IW) and upper (CUBO_2) estimates of log p(x), each with its delta-method SE.
 
-    ``.contains(value)`` tests ``value`` against the bounds widened by 3 SE.  The upper estimate
+    ``.contains(value)`` tests ``value`` against the bounds widened by 3 SE (at least the
+    round-off ``resolution``).  A degenerate guide gets no upper bound.  The upper estimate
     is trustworthy only when the weights have a finite second moment (k-hat < 0.5).
     """
     num_samples = check_num_samples(num_samples, minimum=2)
-    lw = log_weights(model, guide, *args, num_samples=num_samples, **kwargs)
+    lw = log_weights(
+        model, guide, *args, num_samples=num_samples, where="evidence_bounds", **kwargs
+    )
     lower, lower_se = iw_estimate(lw)
     upper, upper_se = cubo_estimate(lw, n=2.0)
+    point_mass = degenerate.check_degenerate(model, guide, args, kwargs, lw)
+    if point_mass.reason:  # CUBO of a point mass is no upper bound; IW still is a lower one
+        upper, upper_se = math.inf, 0.0
     return EvidenceBounds(
         lower=float(lower),
         lower_se=float(lower_se),
         upper=float(upper),
         upper_se=float(upper_se),
         num_samples=num_samples,
+        resolution=point_mass.resolution,
+        degenerate=point_mass.reason,
     )

@@ -23,8 +23,6 @@ data plate, so that every rank's minibatch term is scaled by N / n to the full d
 
 from __future__ import annotations
 
-import argparse
-
 import pyro
 import pyro.distributions as dist
 import torch
@@ -50,16 +48,18 @@ def make_model(prior_scale, noise_scale):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-data", type=int, default=5000)
-    parser.add_argument("--dim", type=int, default=5)
+    from pyro_elbo.cli import parser as cli_parser
+
+    parser = cli_parser("python -m pyro_elbo.examples.distributed_linreg", __doc__)
+    parser.add_argument("--num-data", type=int, default=5000, help="rows N of the data set")
+    parser.add_argument("--dim", type=int, default=5, help="regression coefficients D")
     parser.add_argument("--batch-size", type=int, default=500, help="global, over all ranks")
     parser.add_argument("--num-particles", type=int, default=32, help="over all ranks")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--lr", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    parser.add_argument("--lr", type=float, default=0.2, help="learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the fit")
     parser.add_argument("--checkpoint", default=None, help="rank 0 writes (and resumes) here")
-    parser.add_argument("--log-every", type=int, default=250)
+    parser.add_argument("--log-every", type=int, default=250, help="steps between log lines")
     args = parser.parse_args(argv)
 
     ctx = init_distributed()

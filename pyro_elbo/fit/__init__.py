@@ -6,10 +6,18 @@ Gaussian to a flow guide decided by PSIS k-hat (:mod:`.escalate`), checks before
 (:mod:`.preflight`),
 automatic
 convergence (:mod:`.convergence`), a NaN/inf guard, crash-safe checkpoints with exact resume
-(:mod:`.checkpoint`), a progress bar and callbacks, and returns a :class:`FitResult`.
+(:mod:`.checkpoint`; the path checked and locked, :mod:`.location`; the run's identity compared on
+resume, :mod:`.identity`; signals handled between steps, :mod:`.interrupt`), a progress bar and callbacks, and returns a :class:`FitResult`.
 """
 
-from pyro_elbo.fit.checkpoint import CheckpointError, CheckpointMismatchError
+from pyro_elbo.fit.checkpoint import (
+    CheckpointError,
+    CheckpointLockedError,
+    CheckpointMismatchError,
+    CheckpointPathError,
+    CheckpointWriteError,
+    ResumeNotice,
+)
 from pyro_elbo.fit.convergence import (
     AutoConvergence,
     ConvergenceRule,
@@ -18,6 +26,7 @@ from pyro_elbo.fit.convergence import (
     split_rhat,
 )
 from pyro_elbo.fit.escalate import Stage
+from pyro_elbo.fit.identity import ZeroLearningRateWarning
 from pyro_elbo.fit.initial import LaplaceStage
 from pyro_elbo.fit.loop import FitResult, FitState, NonFiniteError, fit
 from pyro_elbo.fit.preflight import PlateMismatchError, SupportMismatchError
@@ -25,7 +34,10 @@ from pyro_elbo.fit.preflight import PlateMismatchError, SupportMismatchError
 __all__ = [
     "AutoConvergence",
     "CheckpointError",
+    "CheckpointLockedError",
     "CheckpointMismatchError",
+    "CheckpointPathError",
+    "CheckpointWriteError",
     "ConvergenceRule",
     "FitResult",
     "FitState",
@@ -34,7 +46,9 @@ __all__ = [
     "PlateMismatchError",
     "RelativeTolerance",
     "Stage",
+    "ResumeNotice",
     "SupportMismatchError",
+    "ZeroLearningRateWarning",
     "effective_sample_size",
     "fit",
     "split_rhat",

@@ -9,10 +9,22 @@ A checkpoint is one file written with ``torch.save`` holding only tensors and pl
 * ``rng``: the torch (and CUDA), numpy and Python random states;
 * ``step``, ``losses``, ``skipped``, the convergence rule's state and the data position.
 
-**Atomic write.**  The file is written to ``<path>.tmp``, flushed and ``fsync``-ed, then renamed
+**Atomic write.**  The file is written to a temporary file of its own
+(``<path>.<random>.tmp``, never shared by two writers), flushed and ``fsync``-ed, then renamed
 over ``<path>`` with ``os.replace`` (atomic on POSIX and Windows), and the directory is
 ``fsync``-ed so the rename itself is durable.  A crash at any point leaves either the previous
-checkpoint or the new one, never a torn file.
+checkpoint or the new one, never a torn file; a failed write removes its temporary file and
+raises :class:`CheckpointWriteError` naming the path.
+
+**One writer per path** (:mod:`.location`).  A run holds an advisory lock (``flock`` on ``<path>.lock``, holding its
+process id) from before step 1 to its end: a second run on the same path is refused at start
+with :class:`CheckpointLockedError`, naming the holder's pid.  The kernel drops the lock when its
+process dies, so a killed run leaves no stale lock; the next run takes it over and removes the
+temporary files the dead writer left.
+
+**The location is checked before step 1** (:mod:`.location`): a
+path whose parent is a file, a read-only or full directory is refused with
+:class:`CheckpointPathError` before any compute is spent.
 
 **Safe load.**  Files are read with ``torch.load(weights_only=True)``, which refuses to unpickle
 arbitrary objects; nothing in a checkpoint needs more.
@@ -24,16 +36,23 @@ uninterrupted run: on CPU the losses and parameters agree bit for bit.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import re
+import tempfile
 
 import numpy as np
 import torch
 
 __all__ = [
     "CheckpointError",
+    "CheckpointLockedError",
     "CheckpointMismatchError",
+    "CheckpointPathError",
+    "CheckpointWriteError",
     "FORMAT",
+    "ResumeNotice",
     "check_fingerprint",
     "fingerprint",
     "get_rng_state",
@@ -55,26 +74,93 @@ class CheckpointError(RuntimeError):
 
 
 class CheckpointMismatchError(ValueError):
-    """A checkpoint was written for a different model/guide (parameter names or shapes)."""
+    """A checkpoint was written by a run that cannot be continued by this one (other parameters,
+    objective, optimizer, data, dtype, seed or batches); the message says what differs."""
+
+
+class CheckpointLockedError(CheckpointError):
+    """Another live run holds the checkpoint path.  Attributes: ``path``, ``pid`` (the holder's
+    process id, ``None`` if unknown)."""
+
+    def __init__(self, message, *, path, pid):
+        super().__init__(message)
+        self.path, self.pid = path, pid
+
+
+class CheckpointPathError(CheckpointError):
+    """The checkpoint location cannot hold a checkpoint (found before step 1).  ``path``."""
+
+    def __init__(self, message, *, path):
+        super().__init__(message)
+        self.path = path
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed; the previous checkpoint (if any) is left as it was.
+    Attributes: ``path``, ``errno`` (of the ``OSError`` behind it, or ``None``)."""
+
+    def __init__(self, message, *, path, errno=None):
+        super().__init__(message)
+        self.path, self.errno = path, errno
+
+
+class ResumeNotice(UserWarning):
+    """One line when a resumed run differs from the checkpoint's on purpose (a new learning
+    rate, another number of steps): the change is applied."""
 
 
 # ------------------------------------------------------------------ writing and reading
 
 
 def save_atomic(state: dict, path) -> None:
-    """Write ``state`` to ``path`` atomically: temporary file, flush, fsync, rename."""
+    """Write ``state`` to ``path`` atomically: a temporary file of its own, flush, fsync, rename.
+
+    Raises :class:`CheckpointWriteError` (the temporary file removed, ``path`` untouched) when
+    the write fails."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        if _before_commit is not None:
-            _before_commit(tmp, path)
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_directory(directory)
+    tmp = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp"
+        )
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            if _before_commit is not None:
+                _before_commit(tmp, path)
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_directory(directory)
+    except (OSError, RuntimeError) as error:
+        code = getattr(error, "errno", None)
+        raise CheckpointWriteError(
+            f"could not write the checkpoint {path!r} ({_describe_os_error(error)}); the "
+            "previous checkpoint there, if any, is unchanged. Free space or choose another "
+            "checkpoint path.",
+            path=path,
+            errno=code,
+        ) from error
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _describe_os_error(error) -> str:
+    code = getattr(error, "errno", None)
+    if code == errno.ENOSPC:
+        return "the disk is full (ENOSPC)"
+    if code == errno.EROFS:
+        return "the file system is read-only (EROFS)"
+    if code in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    text = getattr(error, "strerror", None) or str(error).splitlines()[0]
+    return f"{type(error).__name__}: {text}"
 
 
 def _fsync_directory(directory: str) -> None:
@@ -87,27 +173,54 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def load(path, format: str = FORMAT) -> dict:
+#: keys every checkpoint of ``fit`` holds
+REQUIRED_KEYS = ("fingerprint", "params", "optim", "rng", "step", "losses", "skipped", "done")
+
+
+def load(path, format: str = FORMAT, required=()) -> dict:
     """Read a checkpoint with ``torch.load(weights_only=True)``; raise :class:`CheckpointError`
     if it is not a readable checkpoint of ``format`` (``fit``'s by default; ``fit_distributed``
-    writes its own)."""
+    writes its own) or lacks one of the ``required`` keys (``REQUIRED_KEYS`` to resume)."""
     path = os.fspath(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise CheckpointError(
-            f"cannot read the checkpoint {path!r} ({type(error).__name__}: {error}). It is "
-            "loaded with torch.load(weights_only=True), which refuses arbitrary pickled objects. "
-            "Pass resume=False to start over (the file will be overwritten), or another "
-            "checkpoint path."
-        ) from error
+            f"cannot read the checkpoint {path!r}: {_load_failure(error)}. Pass resume=False to "
+            "start over (the file will be overwritten), or another checkpoint path."
+        ) from None
     if not isinstance(state, dict) or state.get("format") != format:
         raise CheckpointError(
             f"{path!r} is not a {format.split('/')[0]} checkpoint (format "
             f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}, "
             f"expected {format!r}). Pass resume=False to start over, or another checkpoint path."
         )
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint {path!r} lacks {missing} (damaged, or written by another version "
+            "of pyro_elbo); it cannot be resumed. Pass resume=False to start over (the file "
+            "will be overwritten), or another checkpoint path."
+        )
     return state
+
+
+def _load_failure(error) -> str:
+    """What went wrong, without torch's advice to retry with ``weights_only=False`` (which would
+    run whatever the file's pickle holds)."""
+    text = str(error)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found or "weights_only" in text.lower() or "weights only" in text.lower():
+        what = f" ({found.group(1)})" if found else ""
+        return (
+            f"it holds pickled Python objects{what} besides tensors and plain values, and is "
+            "loaded with torch.load(weights_only=True), which refuses them: unpickling them "
+            "could run arbitrary code. A pyro_elbo checkpoint never holds such objects, so this "
+            "file was written by something else or tampered with; do not load it with "
+            "weights_only=False"
+        )
+    first = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {first} (a torn or foreign file)"
 
 
 # ------------------------------------------------------------------ model/guide identity

@@ -450,10 +450,20 @@ class AutoConvergence(ConvergenceRule):
                 f"{last['rhat_worst']!r} (best window {last['rhat_window']} steps); the "
                 "parameters are still moving. Raise max_steps or the learning rate."
             )
+        first = self.first_test()
         return (
-            f"not stationary: fewer than {math.ceil(self.window / 0.95)} steps, too few to test "
-            f"(window={self.window}). Raise max_steps."
+            f"stationarity was never tested: split-R-hat is tested every {self.check_every} "
+            f"steps once 95% of the steps hold a window of {self.window} iterates, so the first "
+            f"test is at step {first}, and the run stopped after {self._count} steps. Raise "
+            f"max_steps to more than {first} (or lower AutoConvergence(window=...))."
         )
+
+    def first_test(self) -> int:
+        """The first step at which stationarity is tested (``floor(0.95 k) >= window``)."""
+        step = self.check_every
+        while int(0.95 * step) < self.window:
+            step += self.check_every
+        return step
 
     def diagnostics(self) -> dict:
         out = dict(self._last)
@@ -557,10 +567,14 @@ class RelativeTolerance(ConvergenceRule):
         return f"rel. change {_median(self._changes):.2g}"
 
     def reason(self, stopped: bool) -> str:
-        if not self._changes:
+        if len(self._changes) < self.size:
+            needed = (self.size + 1) * self.eval_every
             return (
-                f"fewer than {2 * self.eval_every} steps: no relative change of the ELBO yet "
-                "(RelativeTolerance). Raise max_steps."
+                f"never tested: RelativeTolerance compares the mean or median of {self.size} "
+                f"relative ELBO changes (one every {self.eval_every} steps) with tol={self.tol}, "
+                f"so its first test is at step {needed}, and the run stopped after "
+                f"{self._count} steps ({len(self._changes)} change(s)). Raise max_steps to at "
+                f"least {needed}."
             )
         mean, median = _mean(self._changes), _median(self._changes)
         if self.converged:

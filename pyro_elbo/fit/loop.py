@@ -50,6 +50,9 @@ import pyro.optim
 import pyro.poutine as poutine
 import torch
 
+import pyro_elbo.fit.identity as identity
+import pyro_elbo.fit.interrupt as interrupt
+import pyro_elbo.fit.location as location
 from pyro_elbo.fit import checkpoint as ckpt
 from pyro_elbo.fit.convergence import fisher_diagonal, fisher_seed, make_rule
 from pyro_elbo.fit.escalate import check_reparam, escalating_fit, noncentered
@@ -97,6 +100,8 @@ class FitResult:
     * ``skipped_steps``: steps skipped by the NaN guard (``skip_nonfinite``);
     * ``diagnostics``: the convergence rule's figures (R-hat, MCSE, ESS, ``stationary_from``);
     * ``resumed_from``: the step a checkpoint was resumed from, or ``None``;
+    * ``checkpoint_error``: the :class:`~pyro_elbo.fit.checkpoint.CheckpointWriteError` of a
+      checkpoint that could not be written (the previous one is kept), else ``None``;
     * ``guide``, ``loss``, ``optim``: the guide fitted, the objective and the optimizer used
       (the recommended ones when ``fit`` chose them);
     * ``init``: what the stage before step 1 did (a :class:`~pyro_elbo.fit.initial.LaplaceStage`:
@@ -117,6 +122,7 @@ class FitResult:
     skipped_steps: tuple = ()
     diagnostics: dict = field(default_factory=dict)
     resumed_from: int | None = None
+    checkpoint_error: Exception | None = None
     guide: object = None
     loss: object = None
     optim: object = None
@@ -143,61 +149,14 @@ class FitResult:
         )
 
     def plot(self, ax=None):
-        """The loss trace with a running mean, the averaged window and skipped steps marked.
+        """The losses relative to the final value, with a running mean, the averaged window,
+        skipped steps and the Laplace stage marked (:mod:`pyro_elbo.fit.plot`).
 
         Returns a ``matplotlib.figure.Figure`` (drawn on ``ax`` when given).
         """
-        from matplotlib.figure import Figure
+        from pyro_elbo.fit.plot import plot_fit
 
-        if ax is None:
-            fig = Figure(figsize=(7.0, 3.5), layout="constrained")
-            ax = fig.add_subplot()
-        else:
-            fig = ax.figure
-        losses = np.asarray(self.losses, dtype=np.float64)
-        steps = np.arange(1, len(losses) + 1)
-        ax.plot(steps, losses, lw=0.6, alpha=0.45, color="C0", label="loss")
-        finite = np.isfinite(losses)
-        width = max(10, len(losses) // 50)
-        if finite.sum() >= 2 * width:
-            filled = np.where(finite, losses, np.nan)
-            kernel = np.ones(width)
-            valid = np.convolve(finite.astype(float), kernel, mode="valid")
-            sums = np.convolve(np.nan_to_num(filled), kernel, mode="valid")
-            with np.errstate(invalid="ignore", divide="ignore"):
-                ax.plot(
-                    steps[width - 1 :],
-                    sums / valid,
-                    color="C0",
-                    lw=1.5,
-                    label=f"mean of {width} steps",
-                )
-        start = self.diagnostics.get("stationary_from")
-        if start is not None:
-            ax.axvspan(start, len(losses), color="C2", alpha=0.15, label="averaged iterates")
-        if self.skipped_steps:
-            ax.plot(
-                list(self.skipped_steps),
-                [np.nanmin(losses[finite])] * len(self.skipped_steps)
-                if finite.any()
-                else [0.0] * len(self.skipped_steps),
-                "x",
-                color="C3",
-                label="skipped (non-finite)",
-            )
-        if finite.sum() >= 10:
-            tail = losses[finite][len(losses[finite]) // 10 :]
-            low, high = float(np.min(losses[finite])), float(np.quantile(tail, 0.995))
-            pad = 0.05 * (high - low) or 1.0
-            ax.set_ylim(low - pad, high + pad)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title(
-            ("converged" if self.converged else "not converged") + f" after {self.num_steps} steps",
-            fontsize=10,
-        )
-        ax.legend(loc="upper right", fontsize=8)
-        return fig
+        return plot_fit(self, ax)
 
 
 class FitState:
@@ -425,6 +384,9 @@ def _find_nonfinite(objective, model, guide, args, kwargs, rng_state, leaves):
                     if site["type"] != "sample" or name in {f[1] for f in found}:
                         continue
                     value = site["value"]
+                    if site["is_observed"] and _has_nonfinite(value):
+                        found.append((role, name, DATA_NONFINITE))
+                        continue
                     if (
                         not site["is_observed"]
                         and isinstance(value, torch.Tensor)
@@ -454,6 +416,18 @@ def _find_nonfinite(objective, model, guide, args, kwargs, rng_state, leaves):
                     if any(g is not None and not bool(torch.isfinite(g).all()) for g in grads):
                         found.append((role, name, "log-density has a non-finite gradient"))
     return found, note
+
+
+#: what :func:`_find_nonfinite` says of an observed site whose data hold NaN/inf
+DATA_NONFINITE = "the observed data hold NaN/inf"
+
+
+def _has_nonfinite(value) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not bool(torch.isfinite(value).all())
+    )
 
 
 def _kind(tensor):
@@ -501,13 +475,22 @@ def _nonfinite_error(step, loss, sites, note, bad_params, losses, skipped, cause
         )
     if skipped:
         lines.append(f"Steps already skipped: {len(skipped)} ({list(skipped[:8])}).")
-    lines.append(
-        "What to try: a smaller learning rate; check the model for operations that fail for "
-        "some latent values (log or sqrt of a value that can be negative, a scale that can "
-        "reach 0, exp overflow) and constrain those latents' support; a guide initialized "
-        "closer to the data (init_scale, init_loc_fn); or fit(..., skip_nonfinite=N) to skip up "
-        "to N such steps."
-    )
+    data_sites = [name for _, name, text in sites if text == DATA_NONFINITE]
+    if data_sites:
+        lines.append(
+            f"What to do: the data observed at {', '.join(map(repr, data_sites[:4]))} in this "
+            "step's batch hold NaN/inf; the learning rate is not the cause. Remove or impute "
+            "those rows (e.g. x[torch.isfinite(x)]), or mask them with poutine.mask / "
+            "obs_mask."
+        )
+    else:
+        lines.append(
+            "What to try: a smaller learning rate; check the model for operations that fail "
+            "for some latent values (log or sqrt of a value that can be negative, a scale that "
+            "can reach 0, exp overflow) and constrain those latents' support; a guide "
+            "initialized closer to the data (init_scale, init_loc_fn); or "
+            "fit(..., skip_nonfinite=N) to skip up to N such steps."
+        )
     return NonFiniteError(
         "\n".join(lines), step=step, sites=sites, params=bad_params, losses=losses
     )
@@ -608,8 +591,11 @@ def fit(
         ``"relative"`` (:class:`~pyro_elbo.fit.convergence.RelativeTolerance`), a rule instance,
         or ``None`` (run ``max_steps``).
     :param checkpoint: a file path; saved every ``checkpoint_every`` (500) steps and at the end.
-    :param bool resume: continue from ``checkpoint`` when the file exists (refused, with an error,
-        if it belongs to other parameters).  A finished run is restored without stepping.
+    :param bool resume: continue from ``checkpoint`` when the file exists; refused with
+        :class:`~pyro_elbo.fit.checkpoint.CheckpointMismatchError` if it was written by another
+        run (parameters, sites, objective, optimizer, data, seed or batches differ:
+        :mod:`.identity`); a new learning rate or number of steps is applied with a one-line
+        ``ResumeNotice``.  A finished run is restored without stepping.
     :param seed: seeds torch, numpy and Python (``pyro.set_rng_seed``) before anything runs.
     :param callbacks: functions called as ``callback(state)`` after each step with a
         :class:`FitState`; one returning ``True`` stops the run.
@@ -636,7 +622,10 @@ def fit(
         cure for a funnel; ``result.model`` is the rewritten model); default ``None``.
     :returns: a :class:`FitResult`.
 
-    A ``KeyboardInterrupt`` ends the run early: the state reached is checkpointed and returned.
+    Ctrl-C (SIGINT) ends the run after the current step: that state is checkpointed and
+    returned; SIGTERM likewise checkpoints it, then ends the process (:mod:`.interrupt`).  With
+    a checkpoint, the path is checked and locked before step 1 (:mod:`.location`); a failed
+    write later keeps the previous checkpoint and the result carries ``checkpoint_error``.
     """
     started = time.perf_counter()
     check_init(init)
@@ -682,16 +671,28 @@ def fit(
         batches=_Batches(data) if data is not None else None,
         init=init,
         compile=compile,
+        seed=seed,
     )
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    run.prepare()
-    if run.checkpoint is not None and resume and os.path.exists(run.checkpoint):
-        finished = run.resume()
-        if finished is not None:
-            return dataclasses.replace(finished, seconds=time.perf_counter() - started)
-    run.loop()
-    return run.finish(time.perf_counter() - started)
+    lock = None if run.checkpoint is None else location.claim(run.checkpoint)
+    try:
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        run.prepare()
+        if run.checkpoint is not None:
+            location.check_space(run.checkpoint, location.estimate_bytes(run.leaves, run.target))
+        if run.checkpoint is not None and resume and os.path.exists(run.checkpoint):
+            finished = run.resume()
+            if finished is not None:
+                return dataclasses.replace(finished, seconds=time.perf_counter() - started)
+        # SIGINT/SIGTERM wait for the end of a step, and for the last checkpoint write
+        with interrupt.DeferSignals(sigterm=run.checkpoint is not None) as run.signals:
+            run.loop()
+            result = run.finish(time.perf_counter() - started)
+    finally:
+        if lock is not None:
+            lock.release()
+    interrupt.redeliver(run.signals.received)  # SIGTERM ends the process, after the checkpoint
+    return result
 
 
 class _Run:
@@ -707,6 +708,9 @@ class _Run:
         self.step = 0
         self.stop = None  # why the loop ended early
         self.resumed_from = None
+        self.signals = interrupt.DeferSignals()  # what fit installs around the steps
+        self.torn = True  # inside a step (a KeyboardInterrupt then: keep the last checkpoint)
+        self.checkpoint_error = None
 
     # -------------------------------------------------------------- before step 1
     def prepare(self):
@@ -720,7 +724,11 @@ class _Run:
         model, guide, objective = self.model, self.guide, self.objective
         # the density of the guide's draw is checked after the Laplace stage, which starts from
         # the prior's mean and may move a guide whose own initialization overflows
-        pre = check_model_guide(model, guide, objective, args, kwargs, check_density=False)
+        try:
+            pre = check_model_guide(model, guide, objective, args, kwargs, check_density=False)
+        except ZeroDivisionError as error:  # Pyro's plate scale N / 0 for an empty batch
+            identity.raise_if_empty(error, args, kwargs)
+            raise
         check_has_params(pre, guide)
         self.stage = run_laplace(
             self.init, model, guide, args, kwargs, batched=self.batches is not None
@@ -752,6 +760,7 @@ class _Run:
         self.guide_names = set(pre.guide_params)
         if self.rule is not None:
             self.rule.bind(self._context())
+        self.identity = identity.of_run(self, pre)
 
     def _choose_defaults(self, args, kwargs):
         """The recommended guide and objective where the user gave none."""
@@ -827,7 +836,7 @@ class _Run:
     def resume(self):
         """Restore the checkpoint; return a result if it holds a finished run, else ``None``."""
         path, rule = self.checkpoint, self.rule
-        state = ckpt.load(path)
+        state = ckpt.load(path, required=ckpt.REQUIRED_KEYS)
         ckpt.check_fingerprint(
             state["fingerprint"], ckpt.fingerprint(self.names, self.leaves), path
         )
@@ -837,10 +846,11 @@ class _Run:
                 f"but this run uses a {self.opt.kind} one ({type(self.opt.optimizer).__name__}); "
                 "pass the same kind of optim, or resume=False to start over."
             )
+        notices = identity.check_resume(self, state, path)
         with torch.no_grad():
             for name, leaf in zip(self.names, self.leaves):
                 leaf.copy_(state["params"][name])
-        self.opt.load_state_dict(state["optim"]["state"])
+        identity.load_optimizer(self, state, path)
         self.step = int(state["step"])
         self.losses = [float(v) for v in state["losses"].tolist()]
         self.skipped = [int(s) for s in state["skipped"]]
@@ -855,14 +865,11 @@ class _Run:
                     "afresh at the resumed step.",
                     stacklevel=3,
                 )
-        if state.get("objective") != repr(self.objective):
-            warnings.warn(
-                f"fit: resuming a checkpoint written with the objective {state.get('objective')}"
-                f" under {self.objective!r}",
-                stacklevel=3,
-            )
         if self.batches is not None and state.get("data") is not None:
-            self.batches.load_state_dict(state["data"])
+            identity.load_batches(self.batches, state["data"], path)
+        if notices:
+            warnings.warn(f"fit: resuming {path!r} at step {self.step}: {'; '.join(notices)}",
+                          ckpt.ResumeNotice, stacklevel=3)
         ckpt.set_rng_state(state["rng"])  # last: the data loader's replay above draws too
         self.resumed_from = self.step
         if state["done"] and (state["converged"] or self.step >= self.target):
@@ -876,28 +883,37 @@ class _Run:
         return None
 
     def save(self, done=False, converged=False, reason=""):
+        """Write the checkpoint; a failed write keeps the previous one, warns, and is kept in
+        ``checkpoint_error`` for the result (the run and its parameters go on in memory)."""
         rule = self.rule
-        ckpt.save_atomic(
-            {
-                "format": ckpt.FORMAT,
-                "fingerprint": ckpt.fingerprint(self.names, self.leaves),
-                "params": {name: leaf.detach() for name, leaf in zip(self.names, self.leaves)},
-                "optim": {"kind": self.opt.kind, "state": self.opt.state_dict()},
-                "rng": ckpt.get_rng_state(),
-                "step": self.step,
-                "losses": torch.tensor(self.losses, dtype=torch.float64),
-                "skipped": list(self.skipped),
-                "rule": None
-                if rule is None
-                else {"type": type(rule).__name__, "state": rule.state_dict()},
-                "data": self.batches.state_dict() if self.batches is not None else None,
-                "objective": repr(self.objective),
-                "done": done,
-                "converged": converged,
-                "reason": reason,
-            },
-            self.checkpoint,
-        )
+        if self.torn:
+            return
+        state = {
+            "format": ckpt.FORMAT,
+            "fingerprint": ckpt.fingerprint(self.names, self.leaves),
+            "params": {name: leaf.detach() for name, leaf in zip(self.names, self.leaves)},
+            "optim": {"kind": self.opt.kind, "state": self.opt.state_dict()},
+            "rng": ckpt.get_rng_state(),
+            "step": self.step,
+            "losses": torch.tensor(self.losses, dtype=torch.float64),
+            "skipped": list(self.skipped),
+            "rule": None
+            if rule is None
+            else {"type": type(rule).__name__, "state": rule.state_dict()},
+            "data": self.batches.state_dict() if self.batches is not None else None,
+            "objective": repr(self.objective),
+            "run": self.identity,
+            "target": self.target,
+            "done": done,
+            "converged": converged,
+            "reason": reason,
+        }
+        try:
+            ckpt.save_atomic(state, self.checkpoint)
+        except ckpt.CheckpointWriteError as error:
+            if self.checkpoint_error is None:
+                warnings.warn(f"fit: {error}", RuntimeWarning, stacklevel=3)
+            self.checkpoint_error = error
 
     # -------------------------------------------------------------- the loop
     def loop(self):
@@ -954,6 +970,7 @@ class _Run:
                     opt.zero_grad()
                     losses.append(value)
                     finished = rule is not None and rule.update(step, value)
+                    self.torn = False
                     if checkpoint is not None and step % every == 0 and not finished:
                         self.save()  # (the end of the run is saved by finish)
                     if callbacks:
@@ -967,8 +984,17 @@ class _Run:
                         bar.set_postfix_str(_postfix(losses, rule), refresh=False)
                     if finished:
                         break
-        except KeyboardInterrupt:
-            self.stop = f"interrupted (KeyboardInterrupt) after {self.step} steps"
+                    if self.signals.received is not None:  # after a whole step: consistent
+                        self.stop = f"interrupted ({self.signals.name}) after {step} steps"
+                        warnings.warn(f"fit: {self.stop}; checkpointing and returning the "
+                                      "state reached", stacklevel=3)
+                        break
+                    self.torn = True  # the next step starts: torn until its bookkeeping ends
+                self.torn = False
+        except KeyboardInterrupt:  # mid-step (a second Ctrl-C): the last checkpoint is kept
+            self.step = len(self.losses)
+            self.stop = f"interrupted (KeyboardInterrupt) after {self.step} steps" + (
+                "; mid-step, so the checkpoint keeps the last state written" if self.torn else "")
             self.opt.zero_grad()
             warnings.warn(f"fit: {self.stop}; returning the state reached", stacklevel=3)
         finally:
@@ -1041,6 +1067,7 @@ class _Run:
             skipped_steps=tuple(self.skipped),
             diagnostics=self.rule.diagnostics() if self.rule is not None else {},
             resumed_from=self.resumed_from,
+            checkpoint_error=self.checkpoint_error,
             guide=self.guide,
             loss=self.objective,
             optim=self.opt.optimizer,

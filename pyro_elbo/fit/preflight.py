@@ -16,12 +16,20 @@ each problem is an exception that names the site (or argument) and says what to 
 * a **discrete** (or otherwise non-reparameterizable) guide site under a pathwise-only estimator
   (STL, DReG, CUBO);
 * a **plate** with a different name, size or dim in model and guide;
+* **data that is not a tensor** (a numpy array or a list used as an observed value, or making
+  model or guide fail): a ``TypeError`` naming the argument and the site;
 * NaN or inf in **observed data** (entries masked out are allowed);
+* a model that **observes nothing** (no ``obs=``, no ``pyro.factor``: a forgotten ``obs=``): one
+  warning;
 * a non-finite log-density at the initial draw;
 * a guide with **no parameters**.
 
 The traces run under ``poutine.block`` and create the guide's parameters (autoguides build theirs
-on first call); nothing is optimized.
+on first call); nothing is optimized.  :func:`check_pair` is the part that works on traces
+already run: pyro_elbo's objectives call it on their first call (:mod:`.first_call`), so
+``SVI(..., loss=pyro_elbo.ELBO())`` gets the same errors.  When the model fails on the guide's
+draw, a guide site off the prior's support is looked for first (the model may have failed by
+building ``Normal(0, scale < 0)`` from it) and reported as a :class:`SupportMismatchError`.
 """
 
 from __future__ import annotations
@@ -43,12 +51,15 @@ from pyro_elbo.engine.validation import (
     check_traces,
     explain_replay_failure,
 )
+from pyro_elbo.fit.data_checks import check_data, raise_for_data, warn_if_nothing_observed
+from pyro_elbo.fit.first_call import mark_checked
 
 __all__ = [
     "PlateMismatchError",
     "Preflight",
     "SupportMismatchError",
     "check_model_guide",
+    "check_pair",
     "check_objective",
     "check_optim",
     "check_steps",
@@ -202,6 +213,7 @@ def check_model_guide(model, guide, objective, args, kwargs, check_density=True)
         try:
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         except Exception as error:
+            raise_for_data(error, args, kwargs)
             _note(error, "raised by the guide in fit's check before step 1")
             raise
         try:
@@ -212,8 +224,11 @@ def check_model_guide(model, guide, objective, args, kwargs, check_density=True)
             explained = explain_replay_failure(model, guide, args, kwargs, error)
             if explained is not None:
                 raise explained from error
+            raise_for_data(error, args, kwargs)
+            _raise_for_supports(model, guide_trace, args, kwargs, error)
             _note(error, "raised by the model (replayed on the guide) in fit's check before step 1")
             raise
+    check_data(_sample_sites(model_trace), args, kwargs)
     enumerating = handles_enumeration(objective)
     check_traces(
         _without_enumerated(model_trace, guide_trace, enumerating),
@@ -226,11 +241,54 @@ def check_model_guide(model, guide, objective, args, kwargs, check_density=True)
     _check_plates(model_sites, guide_sites)
     _check_supports(model_sites, guide_sites)
     _check_observed(model_sites)
+    warn_if_nothing_observed(model_sites)
     if check_density:
         _check_initial_density(model_trace, guide_trace)
+    mark_checked(objective, model, guide)  # the objective's first call need not repeat them
     guide_params = _param_names(guide_trace)
     model_params = [n for n in _param_names(model_trace) if n not in guide_params]
     return Preflight(guide_trace, model_trace, guide_params, model_params)
+
+
+def check_pair(model_trace, guide_trace, args, kwargs) -> None:
+    """The checks of :func:`check_model_guide` that pyro_elbo's objectives do not make
+    themselves (data types, plates, supports, NaN data, a model that observes nothing), on
+    traces already run: what an objective's first call runs (:mod:`.first_call`)."""
+    model_sites = _sample_sites(model_trace)
+    guide_sites = _sample_sites(guide_trace)
+    check_data(model_sites, args, kwargs)
+    _check_plates(model_sites, guide_sites)
+    _check_supports(model_sites, guide_sites)
+    _check_observed(model_sites)
+    warn_if_nothing_observed(model_sites)
+
+
+class _RecordSites(poutine.messenger.Messenger):
+    """Keeps the sample sites seen so far, also when the program then fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites = {}
+
+    def _postprocess_message(self, msg):
+        if msg["type"] == "sample" and not site_is_subsample(msg):
+            self.sites[msg["name"]] = dict(msg)
+
+
+def _raise_for_supports(model, guide_trace, args, kwargs, error):
+    """The model failed on the guide's draw: if a guide site lies off its prior's support
+    (a Normal guide for a positive site makes the model build Normal(0, scale < 0)), raise
+    the :class:`SupportMismatchError` that explains it."""
+    record = _RecordSites()
+    try:
+        with poutine.block(), record:
+            poutine.replay(model, trace=guide_trace)(*args, **kwargs)
+    except Exception:  # the failure being explained
+        pass
+    try:
+        _check_supports(record.sites, _sample_sites(guide_trace))
+    except SupportMismatchError as mismatch:
+        raise mismatch from error
 
 
 def check_has_params(preflight: Preflight, guide) -> None:

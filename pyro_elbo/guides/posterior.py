@@ -45,6 +45,8 @@ from torch.distributions import (
 )
 from torch.distributions.transforms import ComposeTransform, IndependentTransform, ReshapeTransform
 
+from pyro_elbo.guides.unfitted import warn_unfitted
+
 __all__ = ["JointPosterior", "posterior_of"]
 
 
@@ -68,9 +70,7 @@ def posterior_of(guide, *args, site: str | None = None, joint: bool = False, **k
     if hasattr(guide, "posterior_distributions"):
         marginals = guide.posterior_distributions(*args, **kwargs)
     elif isinstance(guide, (AutoNormal, AutoContinuous)):
-        if guide.prototype_trace is None:
-            with torch.no_grad():
-                guide(*args, **kwargs)
+        _run_prototype(guide, args, kwargs)
         # Inside the module's Pyro context its PyroParams are read through the param store, so
         # values set with ``pyro.get_param_store()[name] = ...`` are seen.
         with guide._pyro_context:
@@ -91,6 +91,26 @@ def posterior_of(guide, *args, site: str | None = None, joint: bool = False, **k
     if len(marginals) == 1:
         return next(iter(marginals.values()))
     return marginals
+
+
+def _run_prototype(guide, args, kwargs):
+    """An autoguide never run builds its sites from one call with the model's arguments; it
+    was never fitted either (a warning)."""
+    if guide.prototype_trace is not None:
+        return
+    warn_unfitted(guide, "posterior_of", stacklevel=4)
+    try:
+        with torch.no_grad():
+            guide(*args, **kwargs)
+    except TypeError as error:
+        if args or kwargs:
+            raise
+        raise TypeError(
+            f"posterior_of: the guide {type(guide).__name__} has never been run, so its latent "
+            "sites are not known yet and it must run the model, which needs its arguments: "
+            "pass them as posterior_of(guide, *model_args, **model_kwargs), e.g. "
+            f"posterior_of(guide, data). ({error})"
+        ) from error
 
 
 def _constrain(base, support):
@@ -225,9 +245,7 @@ def _joint(guide, args, kwargs):
     if hasattr(guide, "joint_posterior"):  # first: a flow autoguide (AutoRealNVP) has one
         return guide.joint_posterior(*args, **kwargs)
     if isinstance(guide, (AutoNormal, AutoContinuous)):
-        if guide.prototype_trace is None:
-            with torch.no_grad():
-                guide(*args, **kwargs)
+        _run_prototype(guide, args, kwargs)
         with guide._pyro_context:
             if isinstance(guide, AutoNormal):
                 marginals = _auto_normal(guide)

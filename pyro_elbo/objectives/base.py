@@ -7,7 +7,9 @@ which terms it needs from the particle engine (:meth:`_engine_options`) and how 
 * a surrogate whose gradient is the objective's gradient estimator (:meth:`_loss_and_surrogate`).
 
 From those two the base class provides ``loss``, ``loss_and_grads`` (what ``pyro.infer.SVI``
-calls), ``differentiable_loss`` (what ``ELBOModule`` and torch optimizers use) and ``__call__``.
+calls), ``differentiable_loss`` (what ``ELBOModule`` and torch optimizers use) and ``__call__``;
+the first of these calls on a (model, guide) pair runs ``fit``'s checks
+(:mod:`pyro_elbo.fit.first_call`).
 """
 
 from __future__ import annotations
@@ -153,26 +155,39 @@ class ParticleObjective(pyro.infer.ELBO):
     def loss(self, model, guide, *args, **kwargs) -> float:
         """The objective's loss, as a float (no gradients)."""
         with torch.no_grad():
-            loss, _ = self._compute(model, guide, args, kwargs, need_surrogate=False)
+            loss, _ = self._checked_compute(model, guide, args, kwargs, need_surrogate=False)
         loss = float(loss)
         warn_if_nan(loss, "loss")
         return loss
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """The loss as a tensor whose gradient is this objective's gradient estimator."""
-        loss, surrogate = self._compute(model, guide, args, kwargs, need_surrogate=True)
+        loss, surrogate = self._checked_compute(model, guide, args, kwargs, need_surrogate=True)
         if surrogate is None or not surrogate.requires_grad:
             return loss.detach()
         return loss.detach() + (surrogate - surrogate.detach())
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """Accumulate the gradient estimate into ``.grad`` of the parameters; return the loss."""
-        loss, surrogate = self._compute(model, guide, args, kwargs, need_surrogate=True)
+        loss, surrogate = self._checked_compute(model, guide, args, kwargs, need_surrogate=True)
         if surrogate is not None and surrogate.requires_grad:
             surrogate.backward(retain_graph=self.retain_graph)
         loss = float(loss.detach())
         warn_if_nan(loss, "loss")
         return loss
+
+    def _checked_compute(self, model, guide, args, kwargs, need_surrogate: bool):
+        """:meth:`_compute`; the first call on a (model, guide) pair also runs the checks
+        ``fit`` runs before step 1 (:mod:`pyro_elbo.fit.first_call`), later calls pay one set
+        lookup."""
+        if (id(model), id(guide)) in self.__dict__.get("_pyro_elbo_checked_pairs", ()):
+            return self._compute(model, guide, args, kwargs, need_surrogate)
+        from pyro_elbo.fit.first_call import run_first_call
+
+        return run_first_call(
+            self, model, guide, args, kwargs,
+            lambda: self._compute(model, guide, args, kwargs, need_surrogate),
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_particles={self.num_particles})"
