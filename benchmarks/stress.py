@@ -14,7 +14,12 @@ and ``stress.md``.  Every data set is generated here (fixed seeds):
 * ``poisson``: a Poisson GLM with an exposure offset and raw-scale predictors, N = 500;
 * ``ar2``: an AR(2) series with mean 100, T = 300;
 * ``mixture``: a two-component Gaussian mixture with ordered locations (OrderedTransform prior),
-  the assignment marginalized, N = 400.
+  the assignment marginalized, N = 400;
+* ``funnel``: Neal's funnel in 10 dimensions (exact marginals); ``banana``: a twisted Gaussian
+  (exact moments);
+* ``gp_poisson``: Poisson counts under a latent GP with latent lengthscale and amplitude, N = 30;
+  ``hier_logistic``: logistic regression with 50 centered group intercepts, N = 1000 (NUTS
+  500 + 1000 draws for these two).
 
 The NUTS cases are float32, as users' models usually are.  NUTS runs in the whitened
 coordinates of the Laplace approximation (a linear reparameterization: the target is unchanged;
@@ -27,7 +32,9 @@ the exact cases, and PSIS k-hat of the fitted guide (Yao et al. 2018).  Settings
 
 * ``pyro_mf``, ``pyro_mvn``: Pyro's defaults: AutoNormal or AutoMultivariateNormal
   (``init_scale=0.1``), ``Adam(lr=0.01)``, 5,000 steps, ``Trace_ELBO``;
-* ``fit``: ``pyro_elbo.fit(model, None, *args)``, every default, stopped by its rule;
+* ``fit``: ``pyro_elbo.fit(model, None, *args)``, every default (the escalating one: Gaussian,
+  then a flow when k-hat >= 0.7); scored on its PSIS-resampled draws when ``result.resample``
+  says so (the raw guide's scores under ``raw`` in the JSON);
 * ``ours``: the stages ``pyro_elbo.fit`` runs by default, by hand for a fixed budget:
   :func:`pyro_elbo.init.recommended_guide`,
   :func:`pyro_elbo.init.laplace_init`, then :class:`pyro_elbo.init.WhitenedAdam` and the STL
@@ -71,6 +78,7 @@ class Case:
     derive: object = None  # reference draws -> draws of the model's latents
     reference: dict = field(default_factory=dict)  # site -> {"mean": [...], "sd": [...]}
     reference_info: dict = field(default_factory=dict)
+    nuts: tuple = None  # (warm-up, draws) when not NUTS_WARMUP, NUTS_SAMPLES
 
 
 def raw_design(means, sds, *, num_data=1000, intercept=True, prior_scale=10.0,
@@ -236,6 +244,95 @@ def mixture() -> Case:
     return Case("mixture", mixture_model, (y,), "N=400, 0.35 N(-1, 0.8) + 0.65 N(2.5, 1.2)")
 
 
+# ------------------------------------------------------- posteriors that are not Gaussian
+
+FUNNEL_DIM = 10
+
+
+def funnel_model():
+    """Neal's funnel (Neal 2003) in 10 dimensions: v ~ N(0, 3), x_i | v ~ N(0, exp(v / 2))."""
+    v = pyro.sample("v", dist.Normal(0.0, 3.0))
+    scale = torch.exp(v / 2)[..., None]
+    pyro.sample("x", dist.Normal(0.0, scale).expand(v.shape + (FUNNEL_DIM - 1,)).to_event(1))
+
+
+def funnel() -> Case:
+    # exact marginals: v ~ N(0, 3); x_i has mean 0 and variance E[exp(v)] = exp(9 / 2)
+    sd_x = math.exp(9 / 4)
+    reference = {"v": {"mean": [0.0], "sd": [3.0]},
+                 "x": {"mean": [0.0] * (FUNNEL_DIM - 1), "sd": [sd_x] * (FUNNEL_DIM - 1)}}
+    return Case("funnel", funnel_model, (), "Neal's funnel, D=10 (exact marginals)",
+                reference=reference, reference_info={"method": "exact marginals"})
+
+
+BANANA_SCALE, BANANA_BEND = 2.0, 0.5
+
+
+def banana_model():
+    """A banana (twisted Gaussian, Haario et al. 1999): x1 ~ N(0, s), x2 | x1 ~ N(b (x1^2 - s^2),
+    1); exact moments E x2 = 0, Var x2 = 1 + 2 b^2 s^4."""
+    x1 = pyro.sample("x1", dist.Normal(0.0, BANANA_SCALE))
+    pyro.sample("x2", dist.Normal(BANANA_BEND * (x1**2 - BANANA_SCALE**2), 1.0))
+
+
+def banana() -> Case:
+    sd2 = math.sqrt(1 + 2 * BANANA_BEND**2 * BANANA_SCALE**4)
+    reference = {"x1": {"mean": [0.0], "sd": [BANANA_SCALE]}, "x2": {"mean": [0.0], "sd": [sd2]}}
+    return Case("banana", banana_model, (), f"x1 ~ N(0, {BANANA_SCALE}), x2 | x1 ~ "
+                f"N({BANANA_BEND} (x1^2 - {BANANA_SCALE ** 2:g}), 1) (exact moments)",
+                reference=reference, reference_info={"method": "exact moments"})
+
+
+def gp_poisson_model(x, y):
+    """Latent-GP Poisson regression: f = L(lengthscale, amplitude) z (non-centered),
+    y_i ~ Poisson(exp(alpha + f_i)), squared-exponential kernel."""
+    lengthscale = pyro.sample("lengthscale", dist.LogNormal(0.0, 0.5))
+    amplitude = pyro.sample("amplitude", dist.HalfNormal(1.0))
+    alpha = pyro.sample("alpha", dist.Normal(0.0, 2.0))
+    z = pyro.sample("z", dist.Normal(0.0, 1.0).expand(alpha.shape + x.shape).to_event(1))
+    d2 = (x[:, None] - x[None, :]) ** 2
+    cov = amplitude[..., None, None] ** 2 * torch.exp(-0.5 * d2 / lengthscale[..., None, None] ** 2)
+    cov = cov + 1e-4 * torch.eye(x.shape[0])
+    f = (torch.linalg.cholesky(cov) @ z.unsqueeze(-1)).squeeze(-1)
+    pyro.sample("obs", dist.Poisson(torch.exp(alpha[..., None] + f)).to_event(1), obs=y)
+
+
+def gp_poisson() -> Case:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.linspace(0.0, 10.0, 30)
+    rate = torch.exp(0.5 + torch.sin(x))
+    y = torch.poisson(rate, generator=gen)
+    return Case("gp_poisson", gp_poisson_model, (x, y),
+                "N=30, latent GP (SE kernel, lengthscale and amplitude latent), D=33",
+                nuts=(500, 1000))
+
+
+HIER_GROUPS, HIER_PER_GROUP = 50, 20
+
+
+def hier_logistic_model(group, x, y):
+    """Hierarchical logistic regression, 50 groups (centered): a_j ~ N(mu, sigma),
+    y ~ Bernoulli(logit a_group + b x)."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+    b = pyro.sample("b", dist.Normal(0.0, 2.0))
+    with pyro.plate("groups", HIER_GROUPS):
+        a = pyro.sample("a", dist.Normal(mu, sigma))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("obs", dist.Bernoulli(logits=a[..., group] + b * x), obs=y)
+
+
+def hier_logistic() -> Case:
+    gen = torch.Generator().manual_seed(6)
+    group = torch.arange(HIER_GROUPS).repeat_interleave(HIER_PER_GROUP)
+    x = torch.randn(len(group), generator=gen)
+    a = -0.5 + 0.7 * torch.randn(HIER_GROUPS, generator=gen)
+    y = torch.bernoulli(torch.sigmoid(a[group] + 1.2 * x), generator=gen)
+    return Case("hier_logistic", hier_logistic_model, (group, x, y),
+                f"{HIER_GROUPS} groups x {HIER_PER_GROUP}, centered group intercepts, D=53",
+                nuts=(500, 1000))
+
+
 CASES = {
     "linreg_intercept": linreg_intercept,
     "linreg_raw": linreg_raw,
@@ -245,6 +342,10 @@ CASES = {
     "poisson": poisson,
     "ar2": ar2,
     "mixture": mixture,
+    "funnel": funnel,
+    "banana": banana,
+    "gp_poisson": gp_poisson,
+    "hier_logistic": hier_logistic,
 }
 
 
@@ -279,9 +380,10 @@ def nuts_reference(case: Case, seed: int = 0) -> None:
     def potential(params):
         return laplace.potential(m0 + L0 @ params["z"])
 
+    warmup, samples = case.nuts or (NUTS_WARMUP, NUTS_SAMPLES)
     pyro.set_rng_seed(seed)
     kernel = NUTS(potential_fn=potential, target_accept_prob=0.9)
-    mcmc = MCMC(kernel, num_samples=NUTS_SAMPLES, warmup_steps=NUTS_WARMUP,
+    mcmc = MCMC(kernel, num_samples=samples, warmup_steps=warmup,
                 initial_params={"z": torch.zeros_like(m0)}, disable_progbar=True)
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -300,8 +402,8 @@ def nuts_reference(case: Case, seed: int = 0) -> None:
     case.reference = _summaries(draws)
     divergences = sum(len(d) for d in mcmc.diagnostics()["divergences"].values())
     case.reference_info = {
-        "method": f"NUTS in Laplace-whitened coordinates, {NUTS_WARMUP} warm-up + "
-        f"{NUTS_SAMPLES} draws, seed {seed}",
+        "method": f"NUTS in Laplace-whitened coordinates, {warmup} warm-up + "
+        f"{samples} draws, seed {seed}",
         "min_ess": round(ess, 1),
         "divergences": divergences,
         "seconds": round(seconds, 1),
@@ -330,6 +432,8 @@ def load_references(cases, refresh=False) -> None:
     for case in cases:
         if case.oracle is not None:
             exact_reference(case)
+        elif case.reference:  # exact moments given by the case
+            continue
         elif case.name in cached:
             case.reference = cached[case.name]["reference"]
             case.reference_info = cached[case.name]["info"]
@@ -395,18 +499,23 @@ def score(case: Case, guide, num_draws: int = 4000, with_khat: bool = True) -> d
     with torch.random.fork_rng():
         torch.manual_seed(12345)
         draws = joint.sample((num_draws,))
-    errors, ratios = [], []
+    errors, ratios, sites = [], [], {}
     for name, ref in case.reference.items():
         flat = draws[name].detach().double().reshape(num_draws, -1)
         ref_mean = torch.tensor(ref["mean"], dtype=torch.float64)
         ref_sd = torch.tensor(ref["sd"], dtype=torch.float64)
-        errors += ((flat.mean(0) - ref_mean).abs() / ref_sd).tolist()
-        ratios += (flat.std(0) / ref_sd).tolist()
+        site_errors = ((flat.mean(0) - ref_mean).abs() / ref_sd).tolist()
+        site_ratios = (flat.std(0) / ref_sd).tolist()
+        sites[name] = {"max_mean_error": max(site_errors), "min_sd_ratio": min(site_ratios),
+                       "max_sd_ratio": max(site_ratios)}
+        errors += site_errors
+        ratios += site_ratios
     out = {
         "max_mean_error": max(errors),
         "median_sd_ratio": statistics.median(ratios),
         "min_sd_ratio": min(ratios),
         "max_sd_ratio": max(ratios),
+        "sites": sites,
     }
     if case.oracle is not None:
         q = _as_mvn(posterior_of(guide, *case.args))
@@ -487,6 +596,10 @@ def fit_defaults(case: Case):
         "steps": result.num_steps,
         "converged": result.converged,
         "final_loss": float(result.losses[-1]),
+        "resample": result.resample,
+        "stages": [{"name": st.name, "guide": st.guide, "reason": st.reason,
+                    "khat": st.khat, "seconds": round(st.seconds, 1),
+                    "steps": st.num_steps} for st in result.stages],
     }
 
 
@@ -680,17 +793,22 @@ def psis_score(case: Case, guide, num_draws: int = 4000) -> dict:
     weights ``p(x, z) / q(z)``, smoothed by ``arviz.psislw``."""
     log_w, model_trace = _importance(case, guide, num_draws, 54321)
     weights, k = _psis(log_w)
-    errors, ratios = [], []
+    errors, ratios, sites = [], [], {}
     for name, ref in case.reference.items():
         flat = model_trace.nodes[name]["value"].detach().double().reshape(num_draws, -1)
         mean = (weights[:, None] * flat).sum(0)
         sd = ((weights[:, None] * (flat - mean).pow(2)).sum(0)).sqrt()
         ref_mean = torch.tensor(ref["mean"], dtype=torch.float64)
         ref_sd = torch.tensor(ref["sd"], dtype=torch.float64)
-        errors += ((mean - ref_mean).abs() / ref_sd).tolist()
-        ratios += (sd / ref_sd).tolist()
+        site_errors = ((mean - ref_mean).abs() / ref_sd).tolist()
+        site_ratios = (sd / ref_sd).tolist()
+        sites[name] = {"max_mean_error": max(site_errors), "min_sd_ratio": min(site_ratios),
+                       "max_sd_ratio": max(site_ratios)}
+        errors += site_errors
+        ratios += site_ratios
     return {"max_mean_error": max(errors), "median_sd_ratio": statistics.median(ratios),
-            "min_sd_ratio": min(ratios), "max_sd_ratio": max(ratios), "khat": k}
+            "min_sd_ratio": min(ratios), "max_sd_ratio": max(ratios), "khat": k,
+            "sites": sites}
 
 
 # -------------------------------------------------------------------------------- the suite
@@ -728,11 +846,21 @@ def run_case(case: Case, settings=SETTINGS, quick: bool = False) -> dict:
                    "error": f"{type(error).__name__}: {first}"}
         if setting == "best" and row.get("khat", 1.0) < 0.7:
             row["psis"] = psis_score(case, guide)
+        if setting == "fit" and info.get("resample") == "psis":
+            # what fit's user gets: the draws PSIS-resampled (result.to_inference_data)
+            row["raw"] = {k: row[k] for k in ("max_mean_error", "median_sd_ratio",
+                                              "min_sd_ratio", "max_sd_ratio")}
+            psis = psis_score(case, guide)
+            row["raw"]["sites"] = row.get("sites")
+            row.update({k: psis[k] for k in (*row["raw"], "sites") if k in psis})
         rows[setting] = row
         extra = f" KL={row['kl']:.3g}" if "kl" in row else ""
+        stages = " -> ".join(f"{st['name']}({st['khat']:.2f}, {st['seconds']}s)"
+                             for st in info.get("stages", []))
         print(f"  {case.name:20s} {setting:9s} err={row['max_mean_error']:.3g} "
-              f"sd={row['median_sd_ratio']:.3g} khat={row.get('khat', float('nan')):.2f}{extra} "
-              f"({info['seconds']}s)", flush=True)
+              f"sd={row['median_sd_ratio']:.3g} [{row['min_sd_ratio']:.3g}] "
+              f"khat={row.get('khat', float('nan')):.2f}{extra} ({info['seconds']}s) {stages}",
+              flush=True)
     return rows
 
 
@@ -742,6 +870,19 @@ def _fmt(x, digits=2):
     if isinstance(x, float) and (abs(x) >= 1e4 or (x != 0 and abs(x) < 10 ** -digits)):
         return f"{x:.2g}"
     return f"{x:.{digits}f}"
+
+
+def _label(setting, row):
+    """``fit`` rows name the stages that ran and whether the draws were PSIS-resampled."""
+    stages = row.get("stages")
+    if setting != "fit" or not stages:
+        return setting
+    def note(reason):
+        return (" failed" if reason.startswith("failed") else
+                " (not kept)" if "not returned" in reason else "")
+
+    names = "+".join(st["name"] + note(st["reason"]) for st in stages)
+    return f"fit ({names}{', PSIS draws' if row.get('resample') == 'psis' else ''})"
 
 
 def markdown(results: dict) -> str:
@@ -772,11 +913,14 @@ def markdown(results: dict) -> str:
         if "max_abs_correlation" in ref:
             ref_text = (f"exact; max corr {ref['max_abs_correlation']:.5f}, sd ratio "
                         f"{ref['sd_ratio']:.2g}")
+        elif ref.get("method", "").startswith("exact"):
+            ref_text = ref["method"]
         else:
-            ref_text = f"NUTS, min ESS {ref.get('min_ess')}, {ref.get('divergences')} div."
+            ref_text = (f"NUTS {ref.get('seconds')} s, min ESS {ref.get('min_ess')}, "
+                        f"{ref.get('divergences')} div.")
         for setting, row in case["rows"].items():
             lines.append(
-                f"| {name} | {ref_text} | {setting} | {_fmt(row['max_mean_error'])} | "
+                f"| {name} | {ref_text} | {_label(setting, row)} | {_fmt(row['max_mean_error'])} | "
                 f"{_fmt(row['median_sd_ratio'])} [{_fmt(row['min_sd_ratio'])}-"
                 f"{_fmt(row['max_sd_ratio'])}] | {_fmt(row.get('kl'), 3)} | "
                 f"{_fmt(row.get('khat'))} | {row.get('seconds')}"

@@ -52,6 +52,7 @@ __all__ = [
     "EvidenceBounds",
     "diagnose",
     "evidence_bounds",
+    "funnel_sites",
     "khat_threshold",
     "psis_khat",
     "verdict",
@@ -90,6 +91,7 @@ class Diagnosis:
     cubo_se: float
     ess: float
     degenerate: str = ""  #: why the guide is a point mass (then the verdict is "bad"), or ""
+    funnel_sites: tuple = ()
 
     @property
     def threshold(self) -> float:
@@ -123,6 +125,16 @@ class Diagnosis:
                 f"k-hat {k:.2f} in [0.5, 0.7): q is usable but light in the tails; means are "
                 "fine, tail quantities and IS estimates less so. A richer guide "
                 "(AutoMultivariateNormal, a flow) or IWELBO tightens it."
+            )
+        if self.funnel_sites:
+            names = ", ".join(repr(n) for n in self.funnel_sites)
+            return (
+                f"k-hat {k:.2f}: a funnel. The scale of the latent site(s) {names} depends on "
+                "other latents (it varies across q's draws), a "
+                "geometry no Gaussian guide holds. Non-center it: "
+                "pyro.infer.reparam.LocScaleReparam(centered=0) via poutine.reparam, or "
+                "fit(model, None, ..., reparam='noncentered'); or let fit(model, None, ...) "
+                "escalate to a flow guide."
             )
         if k < 0.7:  # above the sample-size threshold only
             return (
@@ -232,8 +244,12 @@ def diagnose(model, guide, *args, num_samples: int = 10000, **kwargs) -> Diagnos
     point_mass = degenerate.check_degenerate(model, guide, args, kwargs, lw)
     cubo, cubo_se = cubo_estimate(lw, n=2.0)
     ess = math.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0))
+    khat = psis_khat(lw.numpy())
+    funnels = ()
+    if verdict(khat, num_samples) != "good":
+        funnels = tuple(funnel_sites(model, guide, *args, **kwargs))
     return Diagnosis(
-        khat=psis_khat(lw.numpy()),
+        khat=khat,
         num_samples=num_samples,
         degenerate=point_mass.reason,
         log_evidence=float(log_evidence),
@@ -243,7 +259,55 @@ def diagnose(model, guide, *args, num_samples: int = 10000, **kwargs) -> Diagnos
         cubo=float(cubo),
         cubo_se=float(cubo_se),
         ess=ess,
+        funnel_sites=funnels,
     )
+
+
+#: a site is a funnel's neck when the sd of its log scale across q's draws exceeds this (a scale
+#: fixed by the data or the prior has sd 0; one set by another latent varies with it)
+FUNNEL_LOG_SCALE_SD = 0.1
+
+
+def funnel_sites(model, guide, *args, num_samples: int = 500, **kwargs) -> list:
+    """Latent sites of a location-scale family (Normal, StudentT, Cauchy, Laplace, LogNormal)
+    whose scale, read from the model replayed on ``num_samples`` draws of ``guide``, varies
+    across the draws: the sd of its log exceeds :data:`FUNNEL_LOG_SCALE_SD`.  Such a scale is
+    a function of other latents: a hierarchical prior whose posterior is a funnel (Neal 2003),
+    the case for non-centering (:class:`pyro.infer.reparam.LocScaleReparam`)."""
+    import pyro.distributions as dist
+
+    families = (dist.Normal, dist.StudentT, dist.Cauchy, dist.Laplace, dist.LogNormal)
+
+    def collect(particles):
+        found = {}
+        for trace in particles.model_traces:
+            for name, site in trace.nodes.items():
+                if site["type"] != "sample" or site["is_observed"]:
+                    continue
+                fn = site["fn"]
+                while isinstance(fn, (torch.distributions.Independent,
+                                      dist.ExpandedDistribution)):
+                    fn = fn.base_dist
+                if isinstance(fn, families):
+                    found.setdefault(name, []).append(fn.scale.detach().double().log())
+        return found
+
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(5)
+        nesting = guess_plate_nesting(model, guide, args, kwargs)
+        found = draw_particles(model, guide, args, kwargs, num_samples, nesting, collect)
+    out = []
+    for name, tensors in found.items():
+        if len(tensors) == 1:
+            log_scale = tensors[0]
+            log_scale = log_scale.reshape(log_scale.shape[0], -1) if log_scale.dim() else None
+        else:
+            log_scale = torch.stack([t.reshape(-1) for t in tensors])
+        if log_scale is None or log_scale.shape[0] < 2:
+            continue
+        if float(log_scale.std(0).max()) > FUNNEL_LOG_SCALE_SD:
+            out.append(name)
+    return out
 
 
 def evidence_bounds(model, guide, *args, num_samples: int = 10000, **kwargs) -> EvidenceBounds:

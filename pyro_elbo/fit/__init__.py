@@ -1,7 +1,9 @@
 """``pyro_elbo.fit``: a fit loop users can trust.
 
 :func:`fit` runs stochastic VI with the recommended guide and objective where none is given
-and a Laplace stage before step 1 (:mod:`.initial`), checks before step 1 (:mod:`.preflight`),
+and a Laplace stage before step 1 (:mod:`.initial`), for ``guide=None`` an escalation from the
+Gaussian to a flow guide decided by PSIS k-hat (:mod:`.escalate`), checks before step 1
+(:mod:`.preflight`),
 automatic
 convergence (:mod:`.convergence`), a NaN/inf guard, crash-safe checkpoints with exact resume
 (:mod:`.checkpoint`; the path checked and locked, :mod:`.location`; the run's identity compared on
@@ -23,6 +25,7 @@ from pyro_elbo.fit.convergence import (
     effective_sample_size,
     split_rhat,
 )
+from pyro_elbo.fit.escalate import Stage
 from pyro_elbo.fit.identity import ZeroLearningRateWarning
 from pyro_elbo.fit.initial import LaplaceStage
 from pyro_elbo.fit.loop import FitResult, FitState, NonFiniteError, fit
@@ -42,6 +45,7 @@ __all__ = [
     "NonFiniteError",
     "PlateMismatchError",
     "RelativeTolerance",
+    "Stage",
     "ResumeNotice",
     "SupportMismatchError",
     "ZeroLearningRateWarning",

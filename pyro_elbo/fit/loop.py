@@ -56,6 +56,7 @@ import pyro_elbo.fit.location as location
 from pyro_elbo.fit import checkpoint as ckpt
 from pyro_elbo.fit.compiling import Compiler, CompileStatus
 from pyro_elbo.fit.convergence import fisher_diagonal, fisher_seed, make_rule
+from pyro_elbo.fit.escalate import check_reparam, escalating_fit, noncentered
 from pyro_elbo.fit.initial import LaplaceStage, check_init, default_optimizer, run_laplace
 from pyro_elbo.fit.params import ParamIndex
 from pyro_elbo.fit.preflight import (
@@ -110,7 +111,11 @@ class FitResult:
       ``compiled.reason``: which path and why (:class:`~pyro_elbo.fit.compiling.CompileStatus`);
     * ``num_evaluations``: log-joint gradient evaluations made, particles included (for
       ``method="svi"``: the Laplace stage's plus steps x particles);
-    * ``defaults``: the objective ``fit`` chose when ``loss`` was not given, and why ("" else).
+    * ``defaults``: the objective ``fit`` chose when ``loss`` was not given, and why ("" else);
+    * ``stages``, ``khat``, ``resample``: for ``fit(model, None, ...)``, what each stage of the
+      escalation did (:class:`~pyro_elbo.fit.escalate.Stage`), the returned guide's PSIS k-hat,
+      and ``"psis"`` when its draws are importance-resampled (:mod:`.escalate`);
+    * ``model``: the model fitted (``reparam="noncentered"``: the rewritten one).
     """
 
     losses: np.ndarray
@@ -129,6 +134,17 @@ class FitResult:
     compiled: object = False
     num_evaluations: int = 0
     defaults: str = ""
+    stages: list = field(default_factory=list)
+    khat: float = math.nan
+    resample: str | None = None
+    model: object = None
+
+    def to_inference_data(self, *args, num_samples: int = 1000, **kwargs):
+        """ArviZ data from the fitted guide (:func:`pyro_elbo.to_inference_data`), PSIS-
+        resampled when ``self.resample == "psis"``; ``args`` are the model's arguments."""
+        from pyro_elbo.fit.escalate import to_inference_data
+
+        return to_inference_data(self, *args, num_samples=num_samples, **kwargs)
 
     def __repr__(self):
         last = f", final loss {self.losses[-1]:.6g}" if len(self.losses) else ""
@@ -555,6 +571,8 @@ def fit(
     init="auto",
     method: str = "auto",
     method_options: dict | None = None,
+    escalate: bool = True,
+    reparam=None,
     **kwargs,
 ) -> FitResult:
     """Fit ``guide`` to ``model`` by stochastic optimization of ``loss``; see the module doc.
@@ -612,6 +630,13 @@ def fit(
         ``guide=None`` and no setting of this loop is given; then BaM first, ``"svi"`` when
         BaM's fixed-point test fails): see :mod:`pyro_elbo.vi.methods`.
     :param dict method_options: settings of ``"bam"``/``"pathfinder"``.
+    :param bool escalate: with ``guide=None``, ``method="auto"`` (and no ``loss``, ``optim``,
+        ``data``, ``checkpoint`` or ``num_steps``): fit the Gaussian, check its PSIS k-hat, continue with a flow guide when
+        k-hat >= 0.7, and mark the draws for PSIS resampling (:mod:`.escalate`;
+        ``result.stages`` says what ran and why).  ``False``: one Gaussian run.
+    :param reparam: ``"noncentered"``: fit the model rewritten by
+        :class:`pyro.infer.reparam.LocScaleReparam` on every latent location-scale site (the
+        cure for a funnel; ``result.model`` is the rewritten model); default ``None``.
     :returns: a :class:`FitResult`.
 
     Ctrl-C (SIGINT) ends the run after the current step: that state is checkpointed and
@@ -619,6 +644,16 @@ def fit(
     a checkpoint, the path is checked and locked before step 1 (:mod:`.location`); a failed
     write later keeps the previous checkpoint and the result carries ``checkpoint_error``.
     """
+    if check_reparam(reparam) is not None:
+        model, reparam = noncentered(model), None  # rewritten once, here
+    if escalate and method == "auto" and guide is None and loss is None and optim is None \
+            and data is None and checkpoint is None and num_steps is None:
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        options = dict(progress=progress, convergence=convergence,
+                       callbacks=callbacks, compile=compile, skip_nonfinite=skip_nonfinite,
+                       init=init, **({} if max_steps == 10_000 else {"max_steps": max_steps}))
+        return escalating_fit(fit, model, args, kwargs, options)
     if method != "svi" and not (method == "auto" and guide is not None):  # pyro_elbo/vi/
         from pyro_elbo.vi.methods import dispatch
 
@@ -1062,6 +1097,7 @@ class _Run:
             compiled=self.compiler.status if hasattr(self, "compiler") else CompileStatus(False, ""),
             num_evaluations=self._num_evaluations(),
             defaults=getattr(self, "defaults", ""),
+            model=self.model,
         )
 
     def _num_evaluations(self) -> int:

@@ -193,6 +193,7 @@ class JointPosterior:
 
     def __init__(self, base, blocks, marginals):
         self.base = base
+        self._dtype = getattr(base, "base_dist", base).mean.dtype  # a flow has no mean
         self._blocks = {b.name: b for b in blocks}
         self._marginals = marginals
 
@@ -223,7 +224,7 @@ class JointPosterior:
             raise KeyError(f"log_prob needs a value for every latent site; missing {missing}")
         parts, log_det = [], 0.0
         for b in self._blocks.values():
-            value = torch.as_tensor(values[b.name], dtype=self.base.mean.dtype)
+            value = torch.as_tensor(values[b.name], dtype=self._dtype)
             u = b.transform.inv(value)
             batch = u.shape[: u.dim() - len(b.shape)]
             ldj = b.transform.log_abs_det_jacobian(u, value)
@@ -241,6 +242,8 @@ class JointPosterior:
 
 
 def _joint(guide, args, kwargs):
+    if hasattr(guide, "joint_posterior"):  # first: a flow autoguide (AutoRealNVP) has one
+        return guide.joint_posterior(*args, **kwargs)
     if isinstance(guide, (AutoNormal, AutoContinuous)):
         _run_prototype(guide, args, kwargs)
         with guide._pyro_context:
@@ -251,8 +254,6 @@ def _joint(guide, args, kwargs):
                 marginals = _auto_continuous(guide)
                 base, blocks = _auto_continuous_joint(guide)
         return JointPosterior(base, blocks, marginals)
-    if hasattr(guide, "joint_posterior"):
-        return guide.joint_posterior(*args, **kwargs)
     if hasattr(guide, "posterior_distributions"):
         marginals = guide.posterior_distributions(*args, **kwargs)
         if len(marginals) == 1:
