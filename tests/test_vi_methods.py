@@ -314,11 +314,11 @@ def test_bam_writes_a_low_rank_guide():
 
 def test_default_method_takes_bam_when_it_converges_and_svi_when_not():
     pyro.clear_param_store()
-    result = fit(gaussian_model, None, seed=0, progress=False)
+    result = fit(gaussian_model, None, seed=0, progress=False, escalate=False)
     assert result.reason.startswith("method='auto' chose BaM")
     assert result.init.ran and _kl_to_target(result.guide) < 1e-10
     pyro.clear_param_store()
-    result = fit(funnel, None, seed=0, progress=False, max_steps=100)
+    result = fit(funnel, None, seed=0, progress=False, max_steps=100, escalate=False)
     assert "BaM did not reach its fixed point in 30 iterations" in result.reason
     assert result.diagnostics["bam"]["residual"]
     bam_count = result.diagnostics["bam_evaluations"]

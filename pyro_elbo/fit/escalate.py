@@ -131,9 +131,11 @@ def stage_khat(model, guide, args, kwargs, num_samples: int = KHAT_DRAWS) -> flo
             lw = log_weights(model, guide, *args, num_samples=num_samples, **kwargs)
         except Exception:  # noqa: BLE001 - an unscorable guide is "not good enough"
             return math.nan
-    if not bool(torch.isfinite(lw).any()):
+    if bool(torch.isnan(lw).any() | (lw == math.inf).any()):
+        return math.nan  # a draw the guide cannot score: not good enough
+    lw = lw[torch.isfinite(lw)]  # -inf: a draw outside the model's support, weight 0
+    if lw.numel() < num_samples // 2:
         return math.nan
-    lw = torch.where(torch.isfinite(lw), lw, torch.tensor(-math.inf, dtype=lw.dtype))
     return psis_khat(lw.numpy())
 
 
