@@ -264,7 +264,9 @@ def reference_path_terms(model, guide, leaves):
     """``(log p(x, z), log q_{phi0}(z))`` at one draw ``z(phi)``, ``phi0`` a constant copy.
 
     The draw is Pyro's (``Trace_ELBO``'s dispatch); log q_{phi0} replays the guide on clones of
-    the draws (new tensors with the same graph) while every leaf is ``requires_grad=False``.
+    the draws (new tensors with the same graph) while every leaf is ``requires_grad=False``;
+    Delta sites keep their live log density (AutoStructured's, AutoGaussian's Jacobians depend
+    on the parameters).
     """
     unwrapped = poutine.unwrap(guide)
     if isinstance(unwrapped, poutine.guide.GuideMessenger):
@@ -291,12 +293,23 @@ def reference_path_terms(model, guide, leaves):
     finally:
         for t, flag in zip(leaves, flags):
             t.requires_grad_(flag)
+    guide_trace.compute_log_prob()
     log_q = sum(
-        replayed.nodes[name]["log_prob_sum"]
+        # a Delta site (an autoguide's Jacobian as log_density) is a change of variables, not a
+        # point of q: its whole gradient stays (the path derivative in the auxiliary draws)
+        node["log_prob_sum"] if _is_delta(node["fn"]) else replayed.nodes[name]["log_prob_sum"]
         for name, node in guide_trace.nodes.items()
         if node["type"] == "sample"
     )
     return log_p, log_q
+
+
+def _is_delta(fn):
+    while not isinstance(fn, dist.Delta):
+        if getattr(fn, "base_dist", None) is None:
+            return False
+        fn = fn.base_dist
+    return True
 
 
 @pytest.mark.parametrize("kind", list(GUIDES))

@@ -46,9 +46,10 @@ BUGS = {
     "requires_grad on the guide's modules (Pyro warns: 'was not registered in the param store') "
     "(issue 12, item 1)",
     # found by this suite, not listed in issue 12
-    "stl-autoguide-biased": "ELBO(estimator='stl') converges to the wrong posterior with "
-    "AutoStructured / AutoGaussian guides (posterior sd 0.01 against 0.71): their parameters are "
-    "not all held constant in log q (issue 12, item 1)",
+    "stl-autoguide-biased": "ELBO(estimator='stl') converged to the wrong posterior with "
+    "AutoStructured / AutoGaussian guides (posterior sd 0.01 against 0.71): the direct part of "
+    "their parameter-dependent Jacobians (Delta log_density) was subtracted (issue 12, item 1; "
+    "fixed: Delta sites keep their whole gradient)",
     "iw-score-not-rb": "IWELBO's score-function (VIMCO) signal for a non-reparameterized site "
     "is the whole trace's log weight, not Rao-Blackwellized over plates as Trace_ELBO's log_r: "
     "a different per-draw gradient, and a variance that grows with the plate size",
@@ -69,19 +70,8 @@ BUGS = {
 
 KNOWN_FAILURES = {
     "test_pyro_autoguide::test_exact[ELBO_akl-AutoNormal]": "akl-loss-variance",
-    "test_pyro_autoguide::test_exact[ELBO_stl-AutoGaussian]": "stl-autoguide-biased",
-    "test_pyro_autoguide::test_exact[ELBO_stl-AutoStructured_exact_mvn]": "stl-autoguide-biased",
-    "test_pyro_autoguide::test_exact[ELBO_stl-AutoStructured_exact_normal]": "stl-autoguide-biased",
-    "test_pyro_autoguide::test_exact_batch[ELBO_stl-AutoGaussian]": "stl-autoguide-biased",
-    "test_pyro_autoguide::test_exact_batch[ELBO_stl-AutoStructured_exact_mvn]": "stl-autoguide-biased",
-    "test_pyro_autoguide::test_exact_batch[ELBO_stl-AutoStructured_exact_normal]": "stl-autoguide-biased",
-    "test_pyro_autoguide::test_exact_tree[ELBO_stl-AutoGaussian]": "stl-autoguide-biased",
-    "test_pyro_autoguide::test_exact_tree[ELBO_stl-AutoStructured]": "stl-autoguide-biased",
     "test_pyro_autoguide::test_median[ELBO-auto_class12]": "reference-fails",
     "test_pyro_autoguide::test_median[ELBO_akl-auto_class12]": "reference-fails",
-    "test_pyro_autoguide::test_median[ELBO_stl-AutoGaussian]": "stl-autoguide-biased",
-    "test_pyro_autoguide::test_median[ELBO_stl-AutoStructured]": "stl-autoguide-biased",
-    "test_pyro_autoguide::test_median[ELBO_stl-AutoStructured_median]": "stl-autoguide-biased",
     "test_pyro_autoguide::test_median[ELBO_stl-auto_class12]": "reference-fails",
     "test_pyro_autoguide::test_median[IWELBO-auto_class12]": "reference-fails",
     "test_pyro_autoguide::test_median[Trace_ELBO-auto_class12]": "reference-fails",
