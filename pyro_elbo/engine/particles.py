@@ -126,6 +126,19 @@ class SiteTerms:
             "score", lambda: [n["score_parts"].score_function for n in self._nodes]
         )
 
+    @property
+    def pathwise_part(self) -> torch.Tensor | None:
+        """(guide sites with a score-function part) the part of log q that carries a pathwise
+        gradient, Pyro's ``score_parts.entropy_term``: nonzero for a reparameterized rejection
+        sampler (``ShapeAugmentedGamma``, RSVI of Naesseth et al. 2017), else ``None``."""
+        if self.reparameterized or not self._is_guide or all(
+            is_identically_zero(n["score_parts"].entropy_term) for n in self._nodes
+        ):
+            return None
+        return self._aligned(
+            "pathwise", lambda: [n["score_parts"].entropy_term for n in self._nodes]
+        )
+
     def total(self, attribute: str) -> torch.Tensor:
         """Per-particle sum of a term, shape ``(K,)``, with as few graph nodes as possible."""
         if attribute == "log_prob" and "log_prob" not in self._cache and len(self._nodes) == 1:

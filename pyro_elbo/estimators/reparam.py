@@ -5,7 +5,9 @@ With ``z = g_phi(eps)``, ``eps ~ p(eps)`` (Kingma & Welling 2014; Rezende et al.
     grad_phi ELBO = E_eps[ grad_phi (log p(x, g_phi(eps)) - log q_phi(g_phi(eps))) ]
 
 Guide sites without ``rsample`` get the score-function term of :mod:`.score` automatically
-(with the leave-one-out baseline when K >= 2, none at K = 1, as in ``Trace_ELBO``).
+(with the leave-one-out baseline when K >= 2, none at K = 1, as in ``Trace_ELBO``); a site with
+both parts (a reparameterized rejection sampler, RSVI) gets both, as Pyro's ``score_parts``
+split them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ def reparam_surrogate(particles: Particles, baseline: str = "loo", skip=frozense
                 surrogate = surrogate - particles.per_particle(site.log_prob)
         else:
             scores[name] = site.score_function
+            pathwise = site.pathwise_part  # a rejection sampler's reparameterized part (RSVI)
+            if pathwise is not None and name not in skip:
+                surrogate = surrogate - particles.per_particle(pathwise)
     if scores:
         surrogate = surrogate + score_function_surrogate(particles, scores, baseline)
     return surrogate

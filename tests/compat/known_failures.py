@@ -56,7 +56,8 @@ BUGS = {
     "rsvi-score-parts": "a reparameterized guide site whose score_parts carry a score-function "
     "term (a rejection sampler such as ShapeAugmentedGamma, RSVI of Naesseth et al. 2017) gets "
     "only its pathwise gradient: the estimator uses log_prob instead of Pyro's "
-    "(entropy_term, score_function) split, so the fit converges to the wrong posterior",
+    "(entropy_term, score_function) split, so the fit converges to the wrong posterior (fixed: "
+    "both parts are used, SiteTerms.pathwise_part)",
     # not engine bugs
     "reference-fails": "Pyro's own Trace_ELBO fails this case at the suite's seed 0 (Pyro runs it "
     "with JitTrace_ELBO and another RNG state)",
@@ -91,7 +92,4 @@ KNOWN_FAILURES = {
     "test_pyro_gradient::test_subsample_gradient[Trace_ELBO-subsample-nonreparam-unscaled]": "score-no-baseline",
     "test_pyro_gradient::test_subsample_gradient[Trace_ELBO-subsample-reparam-False-scaled]": "score-no-baseline",
     "test_pyro_gradient::test_subsample_gradient[Trace_ELBO-subsample-reparam-False-unscaled]": "score-no-baseline",
-    "test_pyro_inference::test_exponential_gamma[rsvi-ELBO]": "rsvi-score-parts",
-    "test_pyro_inference::test_exponential_gamma[rsvi-ELBO_akl]": "rsvi-score-parts",
-    "test_pyro_inference::test_exponential_gamma[rsvi-IWELBO]": "rsvi-score-parts",
 }
