@@ -19,6 +19,7 @@ import glob
 import os
 import shutil
 import tempfile
+import time
 
 from pyro_elbo.fit.checkpoint import (
     CheckpointLockedError,
@@ -152,6 +153,11 @@ def acquire_lock(path) -> _Lock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             holder = _read_pid(fd)
+            for _ in range(50):  # the holder writes its pid just after taking the lock
+                if holder is not None:
+                    break
+                time.sleep(0.01)
+                holder = _read_pid(fd)
             os.close(fd)
             if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise CheckpointPathError(
