@@ -648,9 +648,8 @@ def fit(
         model, reparam = noncentered(model), None  # rewritten once, here
     if escalate and method == "auto" and guide is None and loss is None and optim is None \
             and data is None and checkpoint is None and num_steps is None:
-        if seed is not None:
-            pyro.set_rng_seed(seed)
-        options = dict(progress=progress, convergence=convergence,
+        # the seed goes to the Gaussian stage: it is then the run fit(..., escalate=False) makes
+        options = dict(progress=progress, convergence=convergence, seed=seed,
                        callbacks=callbacks, compile=compile, skip_nonfinite=skip_nonfinite,
                        init=init, **({} if max_steps == 10_000 else {"max_steps": max_steps}))
         return escalating_fit(fit, model, args, kwargs, options)
