@@ -263,12 +263,11 @@ def _run_paths(target, generator, seed, options, args, kwargs, checkpoint, resum
 
         def on_path(records):
             _save(path, identity, seed, generator, target, records)
-    bar = _progress_bar(progress, options["num_paths"] * options["max_iterations"], 0)
+    bar = _progress_bar(progress, options["num_paths"] * options["max_iterations"], 0,
+                        desc="pathfinder", unit="iteration")
     if bar is None:
         return run_paths(target, generator=generator, finished=finished, on_path=on_path,
                          **options)
-    bar.set_description("pathfinder")
-    bar.unit = "iteration"
     save = on_path
 
     def on_path(records):
