@@ -356,5 +356,86 @@ def test_bam_checkpoint_resumes_bit_for_bit(tmp_path):
     assert resumed_calls <= whole_calls - 3 * 8
     assert resumed.num_evaluations == whole.num_evaluations
     assert list(resumed.losses) == list(whole.losses)
-    with pytest.raises(ValueError, match="does not take checkpoint="):
-        fit(funnel, None, method="pathfinder", checkpoint=tmp_path / "c.pt", progress=False)
+
+
+# ------------------------------------------------- Pathfinder: progress, checkpoints, NaN guard
+
+PF_OPTIONS = {"num_paths": 4, "num_draws": 100, "draws_per_path": 50}
+
+
+def _pathfinder_fit(model, seed=1, **settings):
+    pyro.clear_param_store()
+    guide = AutoMultivariateNormal(model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "pathfinder: PSIS k-hat")  # the funnel's, expected
+        result = fit(model, guide, method="pathfinder", seed=seed, method_options=PF_OPTIONS,
+                     **settings)
+    return result, guide.loc.detach().clone(), guide.scale_tril.detach().clone()
+
+
+def test_pathfinder_progress_bar_does_not_change_the_answer(capsys):
+    quiet, loc, tril = _pathfinder_fit(funnel, progress=False)
+    assert "pathfinder" not in capsys.readouterr().err
+    shown, loc2, tril2 = _pathfinder_fit(funnel, progress=True)
+    err = capsys.readouterr().err
+    assert "pathfinder" in err and "path 4/4" in err
+    assert torch.equal(loc, loc2) and torch.equal(tril, tril2)
+    assert list(quiet.losses) == list(shown.losses)
+    assert quiet.num_evaluations == shown.num_evaluations
+
+
+def test_pathfinder_checkpoint_resumes_bit_for_bit(tmp_path, monkeypatch):
+    from pyro_elbo.fit import CheckpointMismatchError
+    from pyro_elbo.vi import multipath
+
+    whole, loc, tril = _pathfinder_fit(funnel, progress=False)
+    calls, real = [], multipath.single.single_path
+
+    def crash_on_third_path(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(multipath.single, "single_path", crash_on_third_path)
+    path = tmp_path / "pf.pt"
+    with pytest.raises(RuntimeError, match="killed"):
+        _pathfinder_fit(funnel, progress=False, checkpoint=path)
+    calls.clear()
+    resumed, loc2, tril2 = _pathfinder_fit(funnel, progress=False, checkpoint=path)
+    assert len(calls) == 2  # paths 1 and 2 came from the checkpoint
+    assert torch.equal(loc, loc2) and torch.equal(tril, tril2)
+    assert list(resumed.losses) == list(whole.losses)
+    assert resumed.num_evaluations == whole.num_evaluations
+    assert resumed.diagnostics["paths"] == whole.diagnostics["paths"]
+    assert resumed.diagnostics["khat"] == whole.diagnostics["khat"]
+    pyro.clear_param_store()
+    with pytest.raises(CheckpointMismatchError, match="options"):
+        fit(funnel, AutoMultivariateNormal(funnel), method="pathfinder", seed=1,
+            progress=False, checkpoint=path, method_options={**PF_OPTIONS, "num_draws": 99})
+    with pytest.raises(CheckpointMismatchError, match="seed: checkpoint 1, this run 2"):
+        fit(funnel, AutoMultivariateNormal(funnel), method="pathfinder", seed=2,
+            progress=False, checkpoint=path, method_options=PF_OPTIONS)
+
+
+def test_pathfinder_nan_guard_drops_paths_and_names_the_problem():
+    from pyro_elbo.fit import NonFiniteError
+
+    def walled():  # log joint -inf for x > 1; the posterior sits near -1.8, sd 0.29
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.factor("wall", torch.where(x > 1.0, -math.inf, 0.0))
+        pyro.sample("y", dist.Normal(x, 0.3), obs=torch.tensor(-2.0))
+
+    result, loc, _ = _pathfinder_fit(walled, seed=0, progress=False)  # path 0 starts at x > 1
+    dropped = [p for p in result.diagnostics["paths"] if "error" in p]
+    kept = [p for p in result.diagnostics["paths"] if "error" not in p]
+    assert dropped and kept
+    assert all("not finite at the start point" in p["reason"] for p in dropped)
+    assert abs(float(loc) - (-2.0 / 0.09) / (1 + 1 / 0.09)) < 1e-4
+
+    def finite_only_near_zero():  # the paths start at x ~ U(-2, 2): every one is dropped
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.factor("wall", torch.where(x.abs() > 0.01, -math.inf, 0.0))
+
+    with pytest.raises(NonFiniteError, match="no path gave a usable approximation.*path 3"):
+        _pathfinder_fit(finite_only_near_zero, progress=False)

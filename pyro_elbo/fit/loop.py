@@ -540,14 +540,14 @@ def _show_progress(progress) -> bool:
     raise ValueError(f"fit: progress must be True, False or 'auto', got {progress!r}")
 
 
-def _progress_bar(show, total, initial):
+def _progress_bar(show, total, initial, desc="fit", unit="step"):
     if not show:
         return None
     if "ipykernel" in sys.modules:
         from tqdm.auto import tqdm
     else:
         from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc="fit", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
 
 
 def fit(

@@ -23,8 +23,11 @@ gradient evaluations.
 ``"bam"`` shares ``fit``'s NaN guard (a batch without 2 finite draws raises
 :class:`~pyro_elbo.fit.NonFiniteError`), progress bar and checkpoints (``checkpoint=``,
 ``checkpoint_every=``, ``resume=``: the state, the draws' generator, the counts and the average,
-written atomically; a resumed run continues bit for bit).  ``"pathfinder"`` runs no loop of its
-own worth a checkpoint and refuses ``checkpoint=``.
+written atomically; a resumed run continues bit for bit).  ``"pathfinder"`` has the same: a
+progress bar over the L-BFGS iterations of all paths; a checkpoint after every path (the
+finished paths, the generator, the counts; ``fit``'s atomic write and lock), which a resumed
+run skips to the same answer bit for bit; a path with a non-finite log joint or gradient is
+dropped (its reason in ``diagnostics["paths"]``), and ``NonFiniteError`` when all are.
 
 ``method_options`` passes each method's settings (e.g. ``{"batch_size": 16}``,
 ``{"num_paths": 8}``).
@@ -146,8 +149,8 @@ def fit_method(method, model, guide, args, kwargs, *, settings, method_options=N
 
     started = time.perf_counter()
     for name, default in _SVI_ONLY.items():
-        if name == "checkpoint" and method == "bam":
-            continue  # BaM checkpoints its state (below)
+        if name == "checkpoint":
+            continue  # BaM checkpoints its state, Pathfinder its finished paths (below)
         value = settings.get(name, default)
         if value is not default and value != default:
             raise ValueError(
@@ -170,8 +173,10 @@ def fit_method(method, model, guide, args, kwargs, *, settings, method_options=N
         from pyro_elbo.vi.multipath import _converged, _reason, _run
 
         options = _options(method, method_options, PATHFINDER_DEFAULTS)
-        (approx, elbos), _, khat, paths, target = _run(model, guide, args, kwargs, seed, options,
-                                                       stacklevel=5)
+        (approx, elbos), _, khat, paths, target = _run(
+            model, guide, args, kwargs, seed, options, stacklevel=5,
+            checkpoint=settings.get("checkpoint"), resume=settings.get("resume", True),
+            progress=show)
         return FitResult(
             losses=np.asarray([-e for e in elbos], dtype=np.float64),
             num_steps=len(elbos), converged=_converged(paths, khat),

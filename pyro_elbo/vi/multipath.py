@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -84,35 +85,51 @@ def _check_count(name, value, minimum, hint):
 
 def run_paths(target: Target, *, num_paths=4, num_draws=1000, draws_per_path=None,
               generator=None, max_iterations=1000, history_size=6, num_elbo_draws=5,
-              init_radius=2.0):
-    """``(best approximation, unconstrained resampled draws, khat, path diagnostics,
-    best path's elbos)``: ``num_paths`` single paths and the PSIS resampling of their draws."""
+              init_radius=2.0, finished=(), on_path=None, on_iteration=None):
+    """``(best path, unconstrained resampled draws, khat, path diagnostics)``: ``num_paths``
+    single paths and the PSIS resampling of their draws.
+
+    ``finished``: records of paths already run (from a checkpoint, with ``generator`` in the
+    state it had after them): those paths are skipped.  ``on_path(records)`` is called after
+    every path (the checkpoint); ``on_iteration()`` after every L-BFGS step (the progress bar).
+    NaN guard: a path whose log joint or gradient is not finite where it starts, or that has no
+    approximation with a finite ELBO, is dropped, its reason in the diagnostics; when all are,
+    :class:`~pyro_elbo.fit.NonFiniteError` (a ``FloatingPointError``) names the reasons."""
     draws_per_path = draws_per_path or max(100, math.ceil(num_draws / num_paths))
-    results, pooled, log_w = [], [], []
-    errors = []
-    for index in range(num_paths):
+    records = list(finished)
+    for index in range(len(records), num_paths):
         jitter = torch.rand(target.dim, generator=generator, dtype=target.dtype)
         start = target.u0 + init_radius * (2 * jitter - 1)
         try:
             path = single.single_path(
                 target, start, generator=generator, max_iterations=max_iterations,
                 history_size=history_size, num_elbo_draws=num_elbo_draws,
+                on_iteration=on_iteration,
             )
         except ValueError as error:
-            errors.append(f"path {index}: {error}")
-            continue
-        if not math.isfinite(path.elbos[path.best_iteration - 1]):
-            errors.append(f"path {index}: no approximation with a finite ELBO")
-            continue
-        draws, log_q = single.sample(path.best, draws_per_path, generator)
-        log_p = target.log_density(draws)
-        results.append(path)
-        pooled.append(draws)
-        log_w.append(log_p - log_q)
+            records.append({"error": f"path {index}: {error}"})
+        else:
+            if not math.isfinite(path.elbos[path.best_iteration - 1]):
+                records.append({"error": f"path {index}: no approximation with a finite ELBO "
+                                         f"(the log joint is not finite at its draws)",
+                                "num_iterations": path.num_iterations})
+            else:
+                draws, log_q = single.sample(path.best, draws_per_path, generator)
+                records.append(_record(path, draws, target.log_density(draws) - log_q))
+        if on_path is not None:
+            on_path(records)
+    results = [_path(r) for r in records if "error" not in r]
+    errors = [r["error"] for r in records if "error" in r]
     if not results:
-        raise ValueError("pathfinder: no path gave a usable approximation: " + "; ".join(errors))
-    draws = torch.cat(pooled)
-    log_w = torch.cat(log_w)
+        from pyro_elbo.fit.loop import NonFiniteError
+
+        raise NonFiniteError(
+            "pathfinder: no path gave a usable approximation (non-finite log joint or "
+            "gradient): " + "; ".join(errors) + ". What to try: a model whose log joint is "
+            "finite on the unconstrained space near its prior, or init values / priors that "
+            "keep it finite.", step=0)
+    draws = torch.cat([r["draws"] for r in records if "error" not in r])
+    log_w = torch.cat([r["log_w"] for r in records if "error" not in r])
     finite = torch.isfinite(log_w)
     from pyro_elbo.diagnostics.arviz import psislw
 
@@ -127,13 +144,27 @@ def run_paths(target: Target, *, num_paths=4, num_draws=1000, draws_per_path=Non
         for p in results
     ]
     for error in errors:
-        diagnostics.append({"error": error})
+        diagnostics.append({"error": error, "reason": error})
     return best, draws[index], float(khat), diagnostics
+
+
+def _record(path, draws, log_w) -> dict:
+    """A finished path as tensors and plain values (what a checkpoint holds)."""
+    return {"approx": list(path.best), "best_iteration": path.best_iteration,
+            "elbos": list(path.elbos), "num_iterations": path.num_iterations,
+            "reason": path.reason, "converged": path.converged, "draws": draws, "log_w": log_w}
+
+
+def _path(record) -> single.PathResult:
+    return single.PathResult(single.PathApproximation(*record["approx"]),
+                             record["best_iteration"], record["elbos"], None,
+                             record["num_iterations"], record["reason"], record["converged"])
 
 
 def pathfinder(model, *args, num_paths: int = 4, num_draws: int = 1000, seed: int | None = None,
                guide=None, max_iterations: int = 1000, history_size: int = 6,
-               num_elbo_draws: int = 5, draws_per_path: int | None = None, **kwargs):
+               num_elbo_draws: int = 5, draws_per_path: int | None = None,
+               progress=False, checkpoint=None, resume: bool = True, **kwargs):
     """Multi-path Pathfinder (Zhang et al. 2022) on the unconstrained space of ``model``.
 
     :param model: a Pyro model with continuous latents; ``*args``, ``**kwargs`` go to it (so the
@@ -150,8 +181,17 @@ def pathfinder(model, *args, num_paths: int = 4, num_draws: int = 1000, seed: in
     :param int num_elbo_draws: draws per ELBO estimate along a path (5, the paper's).
     :param draws_per_path: importance draws per path (default ``max(100, num_draws /
         num_paths)``).
-    :returns: a :class:`PathfinderResult`.  Warns when PSIS k-hat > 0.7.
+    :param progress: a tqdm bar over the L-BFGS iterations of all paths (``True``, ``False``
+        or ``"auto"`` as in ``fit``).
+    :param checkpoint: a file written (``fit``'s atomic write and lock) after every path: the
+        finished paths and the generator; a rerun with ``resume=True`` skips them and returns
+        what an uninterrupted run returns, bit for bit.  A checkpoint of another run (model
+        arguments, options, seed) raises ``CheckpointMismatchError``.
+    :returns: a :class:`PathfinderResult`.  Warns when PSIS k-hat > 0.7; raises
+        :class:`~pyro_elbo.fit.NonFiniteError` when no path has a finite log joint and gradient.
     """
+    from pyro_elbo.fit.loop import _show_progress
+
     started = time.perf_counter()
     num_paths = _check_count("num_paths", num_paths, 1, "the number of L-BFGS paths; the "
                              "paper's default is 4")
@@ -162,7 +202,8 @@ def pathfinder(model, *args, num_paths: int = 4, num_draws: int = 1000, seed: in
     best, draws, khat, paths, target = _run(model, guide, args, kwargs, seed, dict(
         num_paths=num_paths, num_draws=num_draws, draws_per_path=draws_per_path,
         max_iterations=max_iterations, history_size=history_size,
-        num_elbo_draws=num_elbo_draws))
+        num_elbo_draws=num_elbo_draws), checkpoint=checkpoint, resume=resume,
+        progress=_show_progress(progress))
     return PathfinderResult(
         guide=guide, draws=target.constrained(draws), unconstrained=draws, khat=khat,
         elbo=max(p["elbo"] for p in paths if "elbo" in p), paths=paths,
@@ -175,16 +216,28 @@ def pathfinder(model, *args, num_paths: int = 4, num_draws: int = 1000, seed: in
     )
 
 
-def _run(model, guide, args, kwargs, seed, options, stacklevel=3):
-    """Set up the guide and target, run the paths, write the chosen Gaussian, warn on k-hat;
-    ``((best, best elbos), draws, khat, paths, target)``."""
+def _run(model, guide, args, kwargs, seed, options, stacklevel=3, checkpoint=None,
+         resume=True, progress=False):
+    """Set up the guide and target, run the paths (with ``fit``'s progress bar when
+    ``progress`` and a checkpoint after every path at ``checkpoint``), write the chosen
+    Gaussian, warn on k-hat; ``((best, best elbos), draws, khat, paths, target)``."""
     with poutine.block(), torch.no_grad():
         guide(*args, **kwargs)  # its parameters and prototype exist before they are written
     target = Target(model, args, kwargs, guide=guide, method="pathfinder")
     generator = torch.Generator().manual_seed(
         int(seed) if seed is not None else int(torch.randint(2**62, (1,)))
     )
-    best, draws, khat, paths = run_paths(target, generator=generator, **options)
+    lock = None
+    if checkpoint is not None:
+        from pyro_elbo.fit.location import claim
+
+        lock = claim(os.fspath(checkpoint))
+    try:
+        best, draws, khat, paths = _run_paths(target, generator, seed, options, args, kwargs,
+                                              checkpoint, resume, progress)
+    finally:
+        if lock is not None:
+            lock.release()
     write_gaussian(guide, target, best.best.mu, gaussian_cholesky(best.best.covariance()))
     if khat > KHAT_WARN:
         warnings.warn(
@@ -194,6 +247,84 @@ def _run(model, guide, args, kwargs, seed, options, stacklevel=3):
             stacklevel=stacklevel,
         )
     return (best.best, best.elbos), draws, khat, paths, target
+
+
+def _run_paths(target, generator, seed, options, args, kwargs, checkpoint, resume, progress):
+    """:func:`run_paths` with the checkpoint (loaded, then written after every path) and
+    ``fit``'s progress bar."""
+    from pyro_elbo.fit.loop import _progress_bar
+
+    finished, on_path = (), None
+    if checkpoint is not None:
+        path = os.fspath(checkpoint)
+        identity = _identity(target, args, kwargs, options)
+        if resume and os.path.exists(path):
+            finished = _load(path, identity, seed, generator, target)
+
+        def on_path(records):
+            _save(path, identity, seed, generator, target, records)
+    bar = _progress_bar(progress, options["num_paths"] * options["max_iterations"], 0,
+                        desc="pathfinder", unit="iteration")
+    if bar is None:
+        return run_paths(target, generator=generator, finished=finished, on_path=on_path,
+                         **options)
+    save = on_path
+
+    def on_path(records):
+        bar.update(len(records) * options["max_iterations"] - bar.n)  # a path ended early
+        bar.set_postfix_str(f"path {len(records)}/{options['num_paths']}")
+        if save is not None:
+            save(records)
+    if finished:
+        on_path(list(finished))
+    try:
+        return run_paths(target, generator=generator, finished=finished, on_path=on_path,
+                         on_iteration=bar.update, **options)
+    finally:
+        bar.close()
+
+
+_FORMAT = "pyro_elbo.pathfinder/1"
+
+
+def _identity(target, args, kwargs, options) -> dict:
+    """What a resumed run must share with the checkpoint's (plain values, compared whole)."""
+    from pyro_elbo.fit.identity import describe_value
+
+    return {"dim": target.dim, "dtype": str(target.dtype), "options": describe_value(options),
+            "args": describe_value(list(args)), "kwargs": describe_value(dict(kwargs))}
+
+
+def _save(path, identity, seed, generator, target, records):
+    """Checkpoint after a path (``fit``'s atomic write): the finished paths, the generator,
+    the evaluation counts."""
+    from pyro_elbo.fit import checkpoint as ckpt
+
+    ckpt.save_atomic({"format": _FORMAT, "identity": identity, "seed": seed,
+                      "generator": generator.get_state(), "records": records,
+                      "counts": [target.potential.num_gradients,
+                                 target.potential.num_densities]}, path)
+
+
+def _load(path, identity, seed, generator, target):
+    """The finished paths of the checkpoint at ``path`` (the generator and counts restored);
+    :class:`~pyro_elbo.fit.CheckpointMismatchError` when another run wrote it."""
+    from pyro_elbo.fit import checkpoint as ckpt
+    from pyro_elbo.fit.identity import _difference
+
+    saved = ckpt.load(path, format=_FORMAT)
+    differences = [f"{key}: {_difference(saved['identity'].get(key), value)}"
+                   for key, value in identity.items() if saved["identity"].get(key) != value]
+    if seed is not None and saved["seed"] != seed:
+        differences.append(f"seed: checkpoint {saved['seed']}, this run {seed}")
+    if differences:
+        raise ckpt.CheckpointMismatchError(
+            f"the checkpoint {path!r} was written by a Pathfinder run that cannot be continued "
+            "by this one: " + "; ".join(differences) + ". Pass resume=False to start over (the "
+            "file will be overwritten), or use another checkpoint path.")
+    generator.set_state(saved["generator"])
+    target.potential.num_gradients, target.potential.num_densities = saved["counts"]
+    return saved["records"]
 
 
 def _converged(paths, khat) -> bool:

@@ -143,19 +143,25 @@ def _line_search(evaluate, x, value, grad, d, t, c1=1e-4, max_evaluations=25):
 
 
 def lbfgs_path(target, u0, *, max_iterations=1000, history_size=6, tol_rel_obj=1e4 * _EPS,
-               tol_grad=1e-8, tol_param=1e-8):
+               tol_grad=1e-8, tol_param=1e-8, on_iteration=None):
     """``(positions (L+1, D), grads (L+1, D) of log p, reason, converged)`` of L-BFGS on
     ``U = -log p`` from ``u0`` (two-loop recursion with ``history_size`` pairs; the line search
-    of :func:`_line_search`).  Every evaluation is one gradient evaluation of ``target``."""
+    of :func:`_line_search`).  Every evaluation is one gradient evaluation of ``target``.
+    NaN guard: a point whose gradient is not finite counts as ``U = inf`` (the line search
+    backs off from it); a non-finite ``log p`` or gradient at the start raises ``ValueError``.
+    ``on_iteration()`` is called after every accepted step (the progress bar)."""
 
     def evaluate(x):
         log_p, score = target.log_density_and_grad(x)
+        if not bool(torch.isfinite(score).all()):
+            return math.inf, -score
         return -log_p, -score
 
     x = u0.detach().clone()
     value, grad = evaluate(x)
     if not math.isfinite(value):
-        raise ValueError("pathfinder: the log joint is not finite at the start point")
+        raise ValueError("pathfinder: the log joint or its gradient is not finite at the start "
+                         "point")
     positions, grads = [x], [-grad]
     pairs = []
     reason, converged = f"max_iterations={max_iterations} reached", False
@@ -180,6 +186,8 @@ def lbfgs_path(target, u0, *, max_iterations=1000, history_size=6, tol_rel_obj=1
         grads.append(-new_grad)
         decrease = abs(value - new_value)
         x, value, grad = new_x, new_value, new_grad
+        if on_iteration is not None:
+            on_iteration()
         if decrease <= tol_rel_obj * max(abs(value), 1.0):
             reason, converged = f"relative decrease of -log p below {tol_rel_obj:.3g}", True
             break
@@ -313,11 +321,11 @@ def choose(weights: torch.Tensor) -> int:
 
 
 def single_path(target, u0, *, generator=None, max_iterations=1000, history_size=6,
-                num_elbo_draws=5, lbfgs_history=None) -> PathResult:
+                num_elbo_draws=5, lbfgs_history=None, on_iteration=None) -> PathResult:
     """One Pathfinder path from ``u0`` (module docstring)."""
     positions, grads, reason, converged = lbfgs_path(
         target, u0, max_iterations=max_iterations,
-        history_size=lbfgs_history or history_size,
+        history_size=lbfgs_history or history_size, on_iteration=on_iteration,
     )
     approxes = approximations(positions, grads, history_size)
     if not approxes:
