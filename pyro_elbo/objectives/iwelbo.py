@@ -55,6 +55,9 @@ import torch
 
 from pyro_elbo.engine.bounds import log_mean_exp
 from pyro_elbo.engine.particles import Particles
+from pyro_elbo.engine.validation import require_reparameterized
+from pyro_elbo.estimators import choose_estimator
+from pyro_elbo.estimators.importance import model_correction, vimco_signal
 from pyro_elbo.objectives.base import ParticleObjective
 
 __all__ = [
@@ -63,10 +66,9 @@ __all__ = [
     "group_terms",
     "importance_weights",
     "model_correction",
+    "require_reparameterized",
     "vimco_signal",
 ]
-
-ESTIMATORS = ("reparam", "dreg", "stl")
 
 
 # ------------------------------------------------------------------------ shared log weights
@@ -225,58 +227,6 @@ def _device(terms):
     return terms[0].device if terms else None
 
 
-# ------------------------------------------------------------------------ gradient helpers
-
-
-def vimco_signal(log_w: torch.Tensor) -> torch.Tensor:
-    """The VIMCO learning signal ``L - L_{-k}`` per particle and element, shape ``(K, E)``.
-
-    ``L = log (1/K) sum_j w_j`` and ``L_{-k}`` is the same with ``log w_k`` replaced by the mean
-    of the other particles' log weights (Mnih & Rezende 2016), which does not depend on ``z_k``.
-    With one particle there is no baseline and the signal is ``L``.
-    """
-    log_w = log_w.detach()
-    K = log_w.shape[0]
-    total = log_mean_exp(log_w, 0)
-    if K == 1:
-        return total.expand_as(log_w)
-    others = (log_w.sum(0, keepdim=True) - log_w) / (K - 1)  # (K, E)
-    # (K, K, E): row k is log_w with its k-th entry replaced by others[k]
-    replaced = log_w.unsqueeze(0).expand(K, K, -1).clone()
-    index = torch.arange(K, device=log_w.device)
-    replaced[index, index] = others
-    return total - log_mean_exp(replaced, 1)
-
-
-def model_correction(particles: Particles, term: torch.Tensor) -> torch.Tensor | None:
-    """A linear surrogate ``sum_theta <theta, grad_theta term>`` over the model's parameters.
-
-    Its gradient is ``grad_theta term`` for the model's parameters and zero for everything else.
-    The model's parameters are every trainable tensor log p reaches other than through the
-    guide's draws (:meth:`~pyro_elbo.engine.particles.Particles.model_leaves`): ``pyro.param``
-    sites, ``pyro.module`` / ``PyroModule`` weights and plain modules alike.  ``None`` when the
-    model has none (or ``term`` has no graph).
-    """
-    if not term.requires_grad:
-        return None
-    leaves = particles.model_leaves()
-    if not leaves:
-        return None
-    grads = torch.autograd.grad(term, leaves, retain_graph=True, allow_unused=True)
-    parts = [(leaf * g.detach()).sum() for leaf, g in zip(leaves, grads) if g is not None]
-    return sum(parts) if parts else None
-
-
-def require_reparameterized(particles: Particles, objective: str, alternative: str) -> None:
-    """Raise, naming the first guide site without ``rsample``."""
-    for name, site in particles.guide_sites.items():
-        if not site.reparameterized:
-            raise ValueError(
-                f"{objective} needs reparameterized guide sites, but guide site {name!r} has no "
-                f"rsample (a discrete or non-reparameterizable distribution). {alternative}"
-            )
-
-
 # ------------------------------------------------------------------------ the objective
 
 
@@ -299,8 +249,7 @@ class IWELBO(ParticleObjective):
         max_plate_nesting: float = float("inf"),
         retain_graph: bool | None = None,
     ):
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self._estimator = choose_estimator("IWELBO", estimator)
         super().__init__(
             num_particles,
             vectorize_particles=vectorize_particles,
@@ -310,7 +259,7 @@ class IWELBO(ParticleObjective):
         self.estimator = estimator
 
     def _engine_options(self, need_surrogate):
-        return {"detach_params": need_surrogate and self.estimator in ("dreg", "stl")}
+        return {"detach_params": need_surrogate and self._estimator.detach_params}
 
     def _name(self):
         return f"IWELBO(estimator={self.estimator!r})"
@@ -323,51 +272,17 @@ class IWELBO(ParticleObjective):
         loss = -weights.scale * log_mean_exp(log_w, 0).sum()
         if not need_surrogate:
             return loss, None
-        w = torch.softmax(log_w.detach(), 0)
-        if self.estimator == "reparam":
-            surrogate = (w * log_w).sum()
-            scores = [s for s in particles.guide_sites.values() if not s.reparameterized]
-            if scores:
-                score = weights.group(scores)
-                surrogate = surrogate + (vimco_signal(log_w) * score).sum()
-            return loss, -weights.scale * surrogate
-        require_reparameterized(
-            particles,
-            self._name(),
-            "Use IWELBO(estimator='reparam'), which adds VIMCO score-function terms for such "
-            "sites.",
-        )
-        log_q_stop = weights.group(
-            _dense(particles.guide_sites), "log_prob_detached", rescale=True
-        )
-        path = weights.log_p - log_q_stop
-        if self.estimator == "stl":
-            return loss, -weights.scale * (w * path).sum()
-        surrogate = (w.pow(2) * path).sum()
-        correction = model_correction(particles, ((w - w.pow(2)) * weights.log_p).sum())
-        if correction is not None:
-            surrogate = surrogate + correction
-        return loss, -weights.scale * surrogate
+        return loss, -weights.scale * self._estimator.surrogate(weights, self._name())
 
     def _one_particle(self, particles: Particles, need_surrogate: bool):
         """K = 1: the bound is the ELBO, ``log w`` is linear in the sites' terms, so every
         site keeps its own scale and mask (subsampling, ``poutine.scale``) as in Trace_ELBO;
         IWAE's gradient is the pathwise one (score terms Rao-Blackwellized over plates), DReG's
         and STL's are STL's."""
-        from pyro_elbo.estimators.reparam import reparam_surrogate
-
-        log_w = particles.log_p() - particles.log_q()
-        loss = -log_w.sum()
+        loss = -(particles.log_p() - particles.log_q()).sum()
         if not need_surrogate:
             return loss, None
-        if self.estimator == "reparam":
-            return loss, -(reparam_surrogate(particles, "none") + log_w.new_zeros(1)).sum()
-        require_reparameterized(
-            particles,
-            self._name(),
-            "Use IWELBO(estimator='reparam'), which adds score-function terms for such sites.",
-        )
-        return loss, -(particles.log_p() - particles.log_q(detached_params=True)).sum()
+        return loss, -self._estimator.one_particle(particles, self._name()).sum()
 
     def __repr__(self):
         return f"IWELBO(num_particles={self.num_particles}, estimator={self.estimator!r})"
