@@ -75,7 +75,7 @@ def model_correction(particles: Particles, term: torch.Tensor) -> torch.Tensor |
 def iwae_surrogate(weights, objective: str) -> torch.Tensor:
     """IWAE: ``sum_k w~_k log w_k`` plus VIMCO terms for guide sites without ``rsample``."""
     log_w = weights.log_w
-    surrogate = (torch.softmax(log_w.detach(), 0) * log_w).sum()
+    surrogate = (weights.normalized * log_w).sum()
     scores = [s for s in weights.particles.guide_sites.values() if not s.reparameterized]
     if scores:
         surrogate = surrogate + (vimco_signal(log_w) * weights.group(scores)).sum()
@@ -93,7 +93,7 @@ def _path(weights, objective: str):
     )
     dense = [s for s in particles.guide_sites.values() if s.carries_density]
     log_q_stop = weights.group(dense, "log_prob_detached", rescale=True)
-    return torch.softmax(weights.log_w.detach(), 0), weights.log_p - log_q_stop
+    return weights.normalized, weights.log_p - log_q_stop
 
 
 def iw_stl_surrogate(weights, objective: str) -> torch.Tensor:
