@@ -19,6 +19,13 @@ import numpy as np
 
 
 def load_module(path):
+    # its sibling psis.py first, under its package name, so that arviz.py's import of it works
+    # without the (torch-importing) package
+    psis = importlib.util.spec_from_file_location(
+        "pyro_elbo.diagnostics.psis", str(path).replace("arviz.py", "psis.py")
+    )
+    sys.modules[psis.name] = importlib.util.module_from_spec(psis)
+    psis.loader.exec_module(sys.modules[psis.name])
     spec = importlib.util.spec_from_file_location("pyro_elbo_arviz", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here

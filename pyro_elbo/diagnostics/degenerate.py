@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import biject_to
 
-from pyro_elbo.diagnostics.arviz import CONSTANT_LOG_WEIGHTS
+from pyro_elbo.diagnostics.psis import CONSTANT_LOG_WEIGHTS
 from pyro_elbo.engine.particles import guess_plate_nesting, run_particles
 
 __all__ = ["Degeneracy", "DegenerateGuideError", "NUM_DRAWS", "check_degenerate"]

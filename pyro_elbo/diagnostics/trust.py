@@ -7,7 +7,7 @@ the log importance weights ``log w_s = log p(x, z_s) - log q(z_s)`` (MATH.md §4
 variational inference", ICML; Vehtari et al. 2024, "Pareto smoothed importance sampling", JMLR):
 
 * ``khat``: the shape of a generalized Pareto distribution fitted to the largest weights
-  (ArviZ's PSIS, :func:`pyro_elbo.diagnostics.arviz.psislw`).  The weights have finite moments
+  (ArviZ's PSIS, :func:`pyro_elbo.diagnostics.psis.psislw`).  The weights have finite moments
   of order < 1/k, so k-hat measures how badly q misses posterior mass: q too narrow or
   missing a mode gives heavy-tailed weights.  Verdict: ``k < 0.5`` good (q close to the
   posterior, IS reliable), ``0.5 <= k < 0.7`` ok (usable, tails less so), ``k >= 0.7`` bad;
@@ -41,8 +41,13 @@ from dataclasses import dataclass
 import torch
 
 import pyro_elbo.diagnostics.degenerate as degenerate
-from pyro_elbo.diagnostics.arviz import check_num_samples, draw_particles, psis_khat
 from pyro_elbo.diagnostics.enumerated import find_enumerated, run_enumerated
+from pyro_elbo.diagnostics.psis import (
+    check_num_samples,
+    draw_particles,
+    khat_threshold,
+    psis_khat,
+)
 from pyro_elbo.engine.bounds import cubo_estimate, elbo_estimate, iw_estimate
 from pyro_elbo.engine.particles import guess_plate_nesting, run_particles
 from pyro_elbo.guides.unfitted import param_names, warn_if_created
@@ -60,13 +65,6 @@ __all__ = [
 
 #: The fewest draws k-hat is computed from (its tail fit needs them; 10^4 is the default).
 MIN_SAMPLES = 100
-
-
-def khat_threshold(num_samples: int) -> float:
-    """``min(1 - 1/log10 S, 0.7)``: above it, S draws give no reliable PSIS estimate."""
-    if num_samples <= 10:
-        return 0.0
-    return min(1.0 - 1.0 / math.log10(num_samples), 0.7)
 
 
 def verdict(khat: float, num_samples: int) -> str:

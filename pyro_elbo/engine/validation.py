@@ -18,6 +18,7 @@ __all__ = [
     "ModelGuideMismatchError",
     "check_traces",
     "explain_replay_failure",
+    "require_reparameterized",
 ]
 
 
@@ -201,3 +202,13 @@ def explain_replay_failure(model, guide, args, kwargs, error: Exception):
         ):
             return _shape_error(name, guide_value.shape, expected, cause=error)
     return None
+
+
+def require_reparameterized(particles, objective: str, alternative: str) -> None:
+    """Raise, naming the first guide site without ``rsample``; ``alternative`` says what to do."""
+    for name, site in particles.guide_sites.items():
+        if not site.reparameterized:
+            raise ValueError(
+                f"{objective} needs reparameterized guide sites, but guide site {name!r} has no "
+                f"rsample (a discrete or non-reparameterizable distribution). {alternative}"
+            )

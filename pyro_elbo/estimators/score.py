@@ -21,7 +21,7 @@ import torch
 
 from pyro_elbo.engine.particles import Particles, sum_to_frames
 
-__all__ = ["leave_one_out_baseline", "score_function_surrogate"]
+__all__ = ["leave_one_out_baseline", "score_function_surrogate", "score_surrogate"]
 
 
 def leave_one_out_baseline(cost: torch.Tensor) -> torch.Tensor:
@@ -48,3 +48,10 @@ def score_function_surrogate(
             cost = cost - leave_one_out_baseline(cost)
         surrogate = surrogate + particles.per_particle(cost * score)
     return surrogate
+
+
+def score_surrogate(particles: Particles, baseline: str = "loo") -> torch.Tensor:
+    """``estimator="score"``: per-particle ``log p`` plus score-function terms for every guide site
+    (the engine ran with the samples detached, so no gradient flows along their paths)."""
+    scores = {n: s.log_prob_unscaled for n, s in particles.guide_sites.items()}
+    return particles.log_p() + score_function_surrogate(particles, scores, baseline)

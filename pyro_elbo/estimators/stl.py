@@ -24,17 +24,7 @@ import torch
 from pyro_elbo.engine.particles import Particles
 from pyro_elbo.estimators.score import score_function_surrogate
 
-__all__ = ["stl_surrogate", "require_reparameterized"]
-
-
-def require_reparameterized(particles: Particles, estimator: str) -> None:
-    for name, site in particles.guide_sites.items():
-        if not site.reparameterized:
-            raise ValueError(
-                f"estimator={estimator!r} needs reparameterized guide sites, but guide site "
-                f"{name!r} has no rsample. Use estimator='reparam' (which adds score-function "
-                "terms for such sites) or estimator='score'."
-            )
+__all__ = ["stl_surrogate"]
 
 
 def stl_surrogate(particles: Particles, baseline: str = "loo") -> torch.Tensor:

@@ -42,9 +42,10 @@ import torch
 from torch import nn
 
 from pyro_elbo.engine.particles import run_particles
+from pyro_elbo.engine.weights import importance_weights
 from pyro_elbo.guides.amortized import AmortizedNormal
 from pyro_elbo.objectives.elbo import ELBO
-from pyro_elbo.objectives.iwelbo import IWELBO, importance_weights
+from pyro_elbo.objectives.iwelbo import IWELBO
 
 __all__ = [
     "OBJECTIVES",
@@ -311,7 +312,7 @@ def evaluate_log_likelihood(
     """``log p(x_i)`` per image by importance sampling from the encoder, S = ``num_samples``.
 
     The log weights come from the particle engine in chunks of ``chunk`` particles (per image,
-    from :func:`~pyro_elbo.objectives.iwelbo.importance_weights`) and are combined by one
+    from :func:`~pyro_elbo.engine.weights.importance_weights`) and are combined by one
     log-mean-exp per image.
     """
     if num_samples < 2:

@@ -121,7 +121,7 @@ def noncentered(model):
 
 def stage_khat(model, guide, args, kwargs, num_samples: int = KHAT_DRAWS) -> float:
     """PSIS k-hat of ``guide`` from ``num_samples`` draws (no global random numbers used)."""
-    from pyro_elbo.diagnostics.arviz import psis_khat
+    from pyro_elbo.diagnostics.psis import psis_khat
     from pyro_elbo.diagnostics.trust import log_weights
 
     with torch.random.fork_rng(), warnings.catch_warnings():
@@ -162,7 +162,7 @@ def escalating_fit(fit, model, args, kwargs, options):
     """``fit(model, None, *args)`` with escalation (see the module docstring).  ``fit`` is
     :func:`pyro_elbo.fit.fit` (passed in to keep the import one-way); ``options`` are its
     keyword settings other than model arguments."""
-    from pyro_elbo.diagnostics.trust import khat_threshold
+    from pyro_elbo.diagnostics.psis import khat_threshold
     from pyro_elbo.init.defaults import latent_dim
 
     started = time.perf_counter()

@@ -51,8 +51,9 @@ import numbers
 
 from pyro_elbo.engine.bounds import log_mean_exp
 from pyro_elbo.engine.particles import Particles
+from pyro_elbo.engine.validation import require_reparameterized
+from pyro_elbo.engine.weights import importance_weights
 from pyro_elbo.objectives.base import ParticleObjective
-from pyro_elbo.objectives.iwelbo import importance_weights, require_reparameterized
 
 __all__ = ["CUBO"]
 

@@ -22,15 +22,13 @@ import warnings
 import torch
 
 from pyro_elbo.engine.particles import Particles
+from pyro_elbo.estimators import choose_estimator
 from pyro_elbo.estimators.reparam import reparam_surrogate
-from pyro_elbo.estimators.score import score_function_surrogate
-from pyro_elbo.estimators.stl import stl_surrogate
 from pyro_elbo.objectives.analytic_kl import analytic_kl_terms, guide_depends_on
 from pyro_elbo.objectives.base import ParticleObjective
 
 __all__ = ["ELBO"]
 
-ESTIMATORS = ("reparam", "stl", "score")
 BASELINES = ("loo", "none")
 
 
@@ -59,8 +57,7 @@ class ELBO(ParticleObjective):
         max_plate_nesting: float = float("inf"),
         retain_graph: bool | None = None,
     ):
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self._estimator = choose_estimator("ELBO", estimator)
         if baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
         if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not beta >= 0:
@@ -91,8 +88,8 @@ class ELBO(ParticleObjective):
     def _engine_options(self, need_surrogate):
         return {
             "beta": self.beta,
-            "detach_params": need_surrogate and self.estimator == "stl",
-            "detach_samples": self.estimator == "score",
+            "detach_params": need_surrogate and self._estimator.detach_params,
+            "detach_samples": self._estimator.detach_samples,
         }
 
     def _loss_and_surrogate(self, particles: Particles, need_surrogate: bool):
@@ -118,19 +115,14 @@ class ELBO(ParticleObjective):
         loss = -elbo.mean()
         if not need_surrogate:
             return loss, None
-        if self.estimator == "stl":
-            surrogate = stl_surrogate(particles, self.baseline)
-        elif self.estimator == "score":
-            scores = {n: s.log_prob_unscaled for n, s in particles.guide_sites.items()}
-            surrogate = particles.log_p() + score_function_surrogate(
-                particles, scores, self.baseline
-            )
-        elif not kl_terms and all(s.reparameterized for s in particles.guide_sites.values()):
+        if kl_terms:  # analytic KL is for estimator="reparam" only
+            surrogate = reparam_surrogate(particles, self.baseline, skip=replaced) - kl
+        elif self.estimator == "reparam" and all(
+            s.reparameterized for s in particles.guide_sites.values()
+        ):
             surrogate = elbo  # fully pathwise: the ELBO estimate is its own surrogate
         else:
-            surrogate = reparam_surrogate(particles, self.baseline, skip=replaced)
-            if kl_terms:
-                surrogate = surrogate - kl
+            surrogate = self._estimator.surrogate(particles, self.baseline)
         return loss, -surrogate.mean()
 
     def _guide_depends(self, name, others) -> bool:

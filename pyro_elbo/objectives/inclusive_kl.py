@@ -28,10 +28,9 @@ from __future__ import annotations
 import torch
 from pyro.distributions.util import scale_and_mask
 
-from pyro_elbo.engine.bounds import log_mean_exp
 from pyro_elbo.engine.particles import Particles
+from pyro_elbo.engine.weights import group_terms, importance_weights
 from pyro_elbo.objectives.base import ParticleObjective
-from pyro_elbo.objectives.iwelbo import group_terms, importance_weights
 
 __all__ = ["InclusiveKL"]
 
@@ -67,11 +66,10 @@ class InclusiveKL(ParticleObjective):
 
     def _loss_and_surrogate(self, particles: Particles, need_surrogate: bool):
         weights = importance_weights(particles, "InclusiveKL")
-        log_w = weights.log_w
-        loss = -weights.scale * log_mean_exp(log_w, 0).sum()
+        loss = -weights.bound()
         if not need_surrogate:
             return loss, None
-        w = torch.softmax(log_w.detach(), 0)
+        w = weights.normalized
         # guide: sum_k w~_k log q(stop(z_k)) (wake-phi)
         log_q = group_terms(particles, _log_q_at_fixed_samples(particles), weights.frames)
         surrogate = (w * log_q).sum()

@@ -48,13 +48,11 @@ model and guide is treated as a guide parameter.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
-import torch
-
-from pyro_elbo.engine.bounds import log_mean_exp
 from pyro_elbo.engine.particles import Particles
+from pyro_elbo.engine.validation import require_reparameterized
+from pyro_elbo.engine.weights import ImportanceWeights, group_terms, importance_weights
+from pyro_elbo.estimators import choose_estimator
+from pyro_elbo.estimators.importance import model_correction, vimco_signal
 from pyro_elbo.objectives.base import ParticleObjective
 
 __all__ = [
@@ -63,221 +61,9 @@ __all__ = [
     "group_terms",
     "importance_weights",
     "model_correction",
+    "require_reparameterized",
     "vimco_signal",
 ]
-
-ESTIMATORS = ("reparam", "dreg", "stl")
-
-
-# ------------------------------------------------------------------------ shared log weights
-
-
-@dataclass
-class ImportanceWeights:
-    """Log weights grouped per element of the plates shared by every site.
-
-    ``log_p`` and ``log_q`` have shape ``(K, E)``: K particles by E elements (E = 1 for the
-    whole-trace bound).  They are unscaled; a bound is ``scale * sum_e f(log w[:, e])``.
-    """
-
-    particles: Particles
-    log_p: torch.Tensor
-    log_q: torch.Tensor
-    scale: float | torch.Tensor
-    frames: tuple  # the plates the bound is taken per element of, outermost first
-
-    @property
-    def log_w(self) -> torch.Tensor:
-        return self.log_p - self.log_q
-
-    def group(self, sites, attribute: str = "log_prob_unscaled", rescale: bool = False):
-        """Sum a per-site term over the given sites, per particle and element: ``(K, E)``.
-
-        ``rescale=True`` divides a scaled term (such as ``log_prob_detached``) by the common
-        scale, turning it into an unscaled one.
-        """
-        total = _group(self.particles, sites, attribute, self.frames)
-        if rescale and not _is_one(self.scale):
-            total = total / self.scale
-        return total
-
-
-def importance_weights(particles: Particles, objective: str) -> ImportanceWeights:
-    """Group the engine's unscaled log densities into per-element log weights (see module doc).
-
-    Raises ``ValueError`` when no unbiased importance-weighted estimate exists (a subsampled plate
-    that some site lives outside of) or when sites carry different scales.
-    """
-    # the sites that carry density decide the plates the bound is per element of: a
-    # pyro.deterministic site outside the data plate adds nothing to any weight
-    sites = {
-        n: s
-        for n, s in {**particles.model_sites, **particles.guide_sites}.items()
-        if s.carries_density
-    }
-    shared = None
-    for site in sites.values():
-        vectorized = {f for f in site.frames if f.vectorized}
-        shared = vectorized if shared is None else shared & vectorized
-    shared = shared or set()
-    for name, site in sites.items():
-        for frame in site.frames:
-            if _is_subsampled(frame) and frame not in shared:
-                outside = [
-                    n for n, s in particles.latent_sites.items() if frame not in s.frames
-                ] or [n for n, s in sites.items() if frame not in s.frames]
-                where = f"site(s) {outside} live outside it (global latents)"
-                kind = "" if frame.vectorized else "sequential "
-                raise ValueError(
-                    f"{objective}: site {name!r} is in the subsampled {kind}plate "
-                    f"{frame.name!r} ({frame.size} of {frame.full_size}) but {where}. An "
-                    "importance-weighted bound has no unbiased minibatch estimate unless every "
-                    "latent is local to the subsampled (vectorized) plate: the log-mean-exp over "
-                    "particles does not commute with the sum over data points. Use the full data "
-                    "(no subsample_size), or ELBO, whose minibatch estimate is unbiased."
-                )
-    scale = _common_scale(sites, objective)
-    frames = tuple(sorted(shared, key=lambda f: f.dim))
-    return ImportanceWeights(
-        particles=particles,
-        log_p=_group(particles, _dense(particles.model_sites), "log_prob_unscaled", frames),
-        log_q=_group(particles, _dense(particles.guide_sites), "log_prob_unscaled", frames),
-        scale=scale,
-        frames=frames,
-    )
-
-
-def _dense(sites) -> list:
-    return [s for s in sites.values() if s.carries_density]
-
-
-def _is_subsampled(frame) -> bool:
-    return frame.full_size is not None and int(frame.size) != int(frame.full_size)
-
-
-def _is_one(scale) -> bool:
-    return isinstance(scale, (int, float)) and scale == 1.0
-
-
-def _common_scale(sites, objective):
-    """The one scale every site shares (a float, or a one-element tensor)."""
-    first, common = None, 1.0
-    for name, site in sites.items():
-        if isinstance(site.scale, torch.Tensor) and site.scale.numel() != 1:
-            raise NotImplementedError(
-                f"{objective}: site {name!r} has a scale tensor of shape "
-                f"{tuple(site.scale.shape)}; importance weights need one scale per site. Use a "
-                "scalar poutine.scale, or mask elements with poutine.mask instead."
-            )
-        if first is None:
-            first, common = name, site.scale
-        elif not math.isclose(float(site.scale), float(common), rel_tol=1e-12):
-            raise ValueError(
-                f"{objective}: sites {first!r} and {name!r} carry different scales "
-                f"({float(common):g} and {float(site.scale):g}). An importance weight mixes all "
-                "sites of a particle, so they must share one scale (the subsampling factor of the "
-                "plate the bound is taken over). Apply poutine.scale to the whole model and "
-                "guide, or use ELBO."
-            )
-    if not float(common) > 0:
-        raise ValueError(f"{objective}: the sites' scale must be positive, got {float(common):g}")
-    return common
-
-
-def _group(particles, sites, attribute, frames):
-    """Sum ``attribute`` over ``sites`` and over every plate dim not in ``frames``: ``(K, E)``."""
-    terms = []
-    for site in sites:
-        term = getattr(site, attribute)
-        if term is None:
-            raise RuntimeError(
-                f"site {site.name!r} has no {attribute}; run the engine with detach_params=True"
-            )
-        terms.append(term)
-    return group_terms(particles, terms, frames)
-
-
-def group_terms(particles, terms, frames):
-    """Sum engine-layout terms ``(K, *plate dims)`` over every plate dim not in ``frames`` and
-    over the terms: ``(K, E)``, E the number of elements of the plates in ``frames``."""
-    K, P = particles.num_particles, particles.plate_nesting
-    keep = {f.dim for f in frames}
-    shape = [1] * P
-    summed = []
-    for term in terms:
-        dims = [d for d in range(-P, 0) if d not in keep and term.shape[d] != 1]
-        if dims:
-            term = term.sum(dims, keepdim=True)
-        for d in keep:
-            shape[d] = max(shape[d], term.shape[d])
-        summed.append(term)
-    total = torch.zeros((K, *shape), dtype=_dtype(summed), device=_device(summed))
-    for term in summed:
-        total = total + term
-    return total.reshape(K, -1)
-
-
-def _dtype(terms):
-    return terms[0].dtype if terms else torch.get_default_dtype()
-
-
-def _device(terms):
-    return terms[0].device if terms else None
-
-
-# ------------------------------------------------------------------------ gradient helpers
-
-
-def vimco_signal(log_w: torch.Tensor) -> torch.Tensor:
-    """The VIMCO learning signal ``L - L_{-k}`` per particle and element, shape ``(K, E)``.
-
-    ``L = log (1/K) sum_j w_j`` and ``L_{-k}`` is the same with ``log w_k`` replaced by the mean
-    of the other particles' log weights (Mnih & Rezende 2016), which does not depend on ``z_k``.
-    With one particle there is no baseline and the signal is ``L``.
-    """
-    log_w = log_w.detach()
-    K = log_w.shape[0]
-    total = log_mean_exp(log_w, 0)
-    if K == 1:
-        return total.expand_as(log_w)
-    others = (log_w.sum(0, keepdim=True) - log_w) / (K - 1)  # (K, E)
-    # (K, K, E): row k is log_w with its k-th entry replaced by others[k]
-    replaced = log_w.unsqueeze(0).expand(K, K, -1).clone()
-    index = torch.arange(K, device=log_w.device)
-    replaced[index, index] = others
-    return total - log_mean_exp(replaced, 1)
-
-
-def model_correction(particles: Particles, term: torch.Tensor) -> torch.Tensor | None:
-    """A linear surrogate ``sum_theta <theta, grad_theta term>`` over the model's parameters.
-
-    Its gradient is ``grad_theta term`` for the model's parameters and zero for everything else.
-    The model's parameters are every trainable tensor log p reaches other than through the
-    guide's draws (:meth:`~pyro_elbo.engine.particles.Particles.model_leaves`): ``pyro.param``
-    sites, ``pyro.module`` / ``PyroModule`` weights and plain modules alike.  ``None`` when the
-    model has none (or ``term`` has no graph).
-    """
-    if not term.requires_grad:
-        return None
-    leaves = particles.model_leaves()
-    if not leaves:
-        return None
-    grads = torch.autograd.grad(term, leaves, retain_graph=True, allow_unused=True)
-    parts = [(leaf * g.detach()).sum() for leaf, g in zip(leaves, grads) if g is not None]
-    return sum(parts) if parts else None
-
-
-def require_reparameterized(particles: Particles, objective: str, alternative: str) -> None:
-    """Raise, naming the first guide site without ``rsample``."""
-    for name, site in particles.guide_sites.items():
-        if not site.reparameterized:
-            raise ValueError(
-                f"{objective} needs reparameterized guide sites, but guide site {name!r} has no "
-                f"rsample (a discrete or non-reparameterizable distribution). {alternative}"
-            )
-
-
-# ------------------------------------------------------------------------ the objective
 
 
 class IWELBO(ParticleObjective):
@@ -299,8 +85,7 @@ class IWELBO(ParticleObjective):
         max_plate_nesting: float = float("inf"),
         retain_graph: bool | None = None,
     ):
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self._estimator = choose_estimator("IWELBO", estimator)
         super().__init__(
             num_particles,
             vectorize_particles=vectorize_particles,
@@ -310,7 +95,7 @@ class IWELBO(ParticleObjective):
         self.estimator = estimator
 
     def _engine_options(self, need_surrogate):
-        return {"detach_params": need_surrogate and self.estimator in ("dreg", "stl")}
+        return {"detach_params": need_surrogate and self._estimator.detach_params}
 
     def _name(self):
         return f"IWELBO(estimator={self.estimator!r})"
@@ -319,55 +104,20 @@ class IWELBO(ParticleObjective):
         if particles.num_particles == 1:
             return self._one_particle(particles, need_surrogate)
         weights = importance_weights(particles, self._name())
-        log_w = weights.log_w
-        loss = -weights.scale * log_mean_exp(log_w, 0).sum()
+        loss = -weights.bound()
         if not need_surrogate:
             return loss, None
-        w = torch.softmax(log_w.detach(), 0)
-        if self.estimator == "reparam":
-            surrogate = (w * log_w).sum()
-            scores = [s for s in particles.guide_sites.values() if not s.reparameterized]
-            if scores:
-                score = weights.group(scores)
-                surrogate = surrogate + (vimco_signal(log_w) * score).sum()
-            return loss, -weights.scale * surrogate
-        require_reparameterized(
-            particles,
-            self._name(),
-            "Use IWELBO(estimator='reparam'), which adds VIMCO score-function terms for such "
-            "sites.",
-        )
-        log_q_stop = weights.group(
-            _dense(particles.guide_sites), "log_prob_detached", rescale=True
-        )
-        path = weights.log_p - log_q_stop
-        if self.estimator == "stl":
-            return loss, -weights.scale * (w * path).sum()
-        surrogate = (w.pow(2) * path).sum()
-        correction = model_correction(particles, ((w - w.pow(2)) * weights.log_p).sum())
-        if correction is not None:
-            surrogate = surrogate + correction
-        return loss, -weights.scale * surrogate
+        return loss, -weights.scale * self._estimator.surrogate(weights, self._name())
 
     def _one_particle(self, particles: Particles, need_surrogate: bool):
         """K = 1: the bound is the ELBO, ``log w`` is linear in the sites' terms, so every
         site keeps its own scale and mask (subsampling, ``poutine.scale``) as in Trace_ELBO;
         IWAE's gradient is the pathwise one (score terms Rao-Blackwellized over plates), DReG's
         and STL's are STL's."""
-        from pyro_elbo.estimators.reparam import reparam_surrogate
-
-        log_w = particles.log_p() - particles.log_q()
-        loss = -log_w.sum()
+        loss = -(particles.log_p() - particles.log_q()).sum()
         if not need_surrogate:
             return loss, None
-        if self.estimator == "reparam":
-            return loss, -(reparam_surrogate(particles, "none") + log_w.new_zeros(1)).sum()
-        require_reparameterized(
-            particles,
-            self._name(),
-            "Use IWELBO(estimator='reparam'), which adds score-function terms for such sites.",
-        )
-        return loss, -(particles.log_p() - particles.log_q(detached_params=True)).sum()
+        return loss, -self._estimator.one_particle(particles, self._name()).sum()
 
     def __repr__(self):
         return f"IWELBO(num_particles={self.num_particles}, estimator={self.estimator!r})"

@@ -131,7 +131,7 @@ def run_paths(target: Target, *, num_paths=4, num_draws=1000, draws_per_path=Non
     draws = torch.cat([r["draws"] for r in records if "error" not in r])
     log_w = torch.cat([r["log_w"] for r in records if "error" not in r])
     finite = torch.isfinite(log_w)
-    from pyro_elbo.diagnostics.arviz import psislw
+    from pyro_elbo.diagnostics.psis import psislw
 
     smoothed, khat = psislw(log_w[finite].numpy())
     weights = torch.zeros_like(log_w)

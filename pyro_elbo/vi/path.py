@@ -33,7 +33,7 @@ JMLR 23(306), 2022 (arXiv 2108.03782), Algorithms 1-5.
 **Several paths** (Algorithm 5): ``num_paths`` paths from ``u_0 + Uniform(-2, 2)`` starts
 (Stan's init radius), ``M`` draws from each path's chosen ``q``, importance weights
 ``log p(phi) - log q_i(phi)``, Pareto-smoothed (ArviZ's ``psislw``, through
-:func:`pyro_elbo.diagnostics.arviz.psislw`), and ``num_draws`` draws resampled with replacement.
+:func:`pyro_elbo.diagnostics.psis.psislw`), and ``num_draws`` draws resampled with replacement.
 A PSIS k-hat above 0.7 warns: no Gaussian on any path is a good proposal (a funnel, a banana);
 the draws are still returned (resampling still corrects part of the error) but are biased.
 
