@@ -3,6 +3,7 @@ B = 1 limit, the compact inverse-Hessian factors against dense BFGS, exact evalu
 and the errors for bad input."""
 
 import math
+import os
 import warnings
 
 import pyro
@@ -356,6 +357,27 @@ def test_bam_checkpoint_resumes_bit_for_bit(tmp_path):
     assert resumed_calls <= whole_calls - 3 * 8
     assert resumed.num_evaluations == whole.num_evaluations
     assert list(resumed.losses) == list(whole.losses)
+
+
+def test_bam_checkpoint_path_is_locked_like_fits(tmp_path):
+    """A second writer on BaM's checkpoint path is refused before any iteration, naming the
+    holder (fit's lock); the lock is released when the run ends."""
+    from pyro_elbo.fit import CheckpointLockedError
+    from pyro_elbo.fit.location import acquire_lock
+
+    path = tmp_path / "bam.pt"
+
+    def run():
+        pyro.clear_param_store()
+        return fit(funnel, AutoMultivariateNormal(funnel), method="bam", seed=0, progress=False,
+                   num_steps=2, checkpoint=path, method_options={"batch_size": 8})
+
+    with acquire_lock(path):
+        with pytest.raises(CheckpointLockedError, match=rf"in use by process {os.getpid()}"):
+            run()
+        assert not path.exists()
+    assert run().num_steps == 2 and path.exists()  # released, then taken and released again
+    assert run().num_steps == 2
 
 
 # ------------------------------------------------- Pathfinder: progress, checkpoints, NaN guard

@@ -145,7 +145,7 @@ def _auto(model, guide, args, kwargs, settings):
 
 def fit_method(method, model, guide, args, kwargs, *, settings, method_options=None):
     """Run ``method`` for :func:`pyro_elbo.fit.fit` (``settings``: fit's other arguments)."""
-    from pyro_elbo.fit.loop import FitResult, NonFiniteError, _progress_bar, _show_progress
+    from pyro_elbo.fit.loop import FitResult, _show_progress
 
     started = time.perf_counter()
     for name, default in _SVI_ONLY.items():
@@ -185,6 +185,25 @@ def fit_method(method, model, guide, args, kwargs, *, settings, method_options=N
                          "num_density_evaluations": target.num_density_evaluations},
             guide=guide, num_evaluations=target.num_evaluations,
         )
+    path = settings.get("checkpoint")
+    lock = None
+    if path is not None:  # fit's path check and lock, held for the whole run
+        from pyro_elbo.fit.location import claim
+
+        lock = claim(os.fspath(path))
+    try:
+        return _fit_bam(model, guide, args, kwargs, settings, method_options, started, show,
+                        generator)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit_bam(model, guide, args, kwargs, settings, method_options, started, show, generator):
+    """Batch-and-Match for :func:`fit_method` (its checkpoint path already claimed)."""
+    from pyro_elbo.fit.loop import FitResult, NonFiniteError, _progress_bar
+
+    method = "bam"
     options = _options(method, method_options, BAM_DEFAULTS)
     with poutine.block(), torch.no_grad():
         guide(*args, **kwargs)
