@@ -3,17 +3,65 @@
 A guide is traced and the model replayed on it; an effect-based guide (Pyro's ``AutoMessenger``
 guides, any ``GuideMessenger``) runs once and splits its trace.  A replay failure caused by a
 guide whose site shapes differ from the model's becomes an error that names the site.
+
+This module is the one trace service of the package.  Every side computation that traces the pair
+outside the objective (preflight checks, the NaN diagnosis, the compiled path's structure check,
+the convergence rule, Laplace) uses :func:`quietly` / :func:`side_trace_pair`: Pyro's handlers are
+blocked (no enclosing handler or progress state sees the side run), torch's random stream is forked
+(the user's seeded run draws the same numbers with or without the side run), autograd is off
+unless asked for, and Pyro's validation can be set for the run.
 """
 
 from __future__ import annotations
 
+import contextlib
+
+import pyro
 import pyro.poutine as poutine
+import torch
 from pyro.poutine.guide import GuideMessenger
 from pyro.poutine.util import site_is_subsample
 
 from pyro_elbo.engine.validation import explain_replay_failure
 
-__all__ = ["is_messenger", "messenger_guide_trace", "trace_pair"]
+__all__ = [
+    "forked_rng",
+    "is_messenger",
+    "messenger_guide_trace",
+    "quietly",
+    "side_trace_pair",
+    "trace_pair",
+]
+
+
+def forked_rng():
+    """A context in which torch's random stream (CPU, and the current CUDA device once CUDA is
+    initialized) is forked: draws made inside leave the caller's stream where it was."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
+
+
+@contextlib.contextmanager
+def quietly(*, grad: bool = False, validate: bool | None = None, fork: bool = True):
+    """The context of a side run: Pyro's handlers blocked, torch's random stream forked (unless
+    ``fork=False``), no autograd graph unless ``grad=True``, and Pyro's validation set to
+    ``validate`` when it is not None."""
+    with contextlib.ExitStack() as stack:
+        if fork:
+            stack.enter_context(forked_rng())
+        stack.enter_context(poutine.block())
+        if not grad:
+            stack.enter_context(torch.no_grad())
+        if validate is not None:
+            stack.enter_context(pyro.validation_enabled(validate))
+        yield
+
+
+def side_trace_pair(model, guide, args, kwargs, *, grad=False, validate=None, fork=True, user=None):
+    """``(model_trace, guide_trace)`` of one side run of the pair (see :func:`quietly`), made as
+    :func:`trace_pair` makes them."""
+    with quietly(grad=grad, validate=validate, fork=fork):
+        return trace_pair(model, guide, args, kwargs, user=user)
 
 
 def is_messenger(guide) -> bool:
