@@ -28,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pyro
-import pyro.poutine as poutine
 import torch
 from pyro.distributions import MaskedDistribution
 from pyro.distributions.util import is_identically_zero, scale_and_mask
@@ -42,7 +41,7 @@ from pyro_elbo.engine.detach import (
     path_derivative_unavailable,
 )
 from pyro_elbo.engine.handlers import BetaScale, DetachSamples
-from pyro_elbo.engine.traces import trace_pair
+from pyro_elbo.engine.traces import side_trace_pair, trace_pair
 from pyro_elbo.engine.validation import check_traces
 
 __all__ = [
@@ -231,9 +230,9 @@ class Particles:
 
 
 def guess_plate_nesting(model, guide, args, kwargs) -> int:
-    """The deepest vectorized plate dim used by model or guide (one unvectorized run)."""
-    with poutine.block():
-        model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
+    """The deepest vectorized plate dim used by model or guide (one unvectorized run, blocked,
+    with autograd and on the caller's random stream, as Pyro's ``_guess_max_plate_nesting``)."""
+    model_trace, guide_trace = side_trace_pair(model, guide, args, kwargs, grad=True, fork=False)
     dims = [
         frame.dim
         for trace in (guide_trace, model_trace)

@@ -18,6 +18,7 @@ __all__ = [
     "ModelGuideMismatchError",
     "check_traces",
     "explain_replay_failure",
+    "replay_until_failure",
     "require_reparameterized",
 ]
 
@@ -177,19 +178,15 @@ def explain_replay_failure(model, guide, args, kwargs, error: Exception):
     """
     import pyro.poutine as poutine
 
+    from pyro_elbo.engine.traces import quietly
+
     try:
-        with poutine.block():
+        with quietly(grad=True, fork=False):
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
     except Exception:  # the guide fails on its own: let the original error speak
         return None
-    recorder = poutine.trace(poutine.replay(model, trace=guide_trace))
-    try:
-        with poutine.block():
-            recorder(*args, **kwargs)
-    except Exception:
-        pass  # the sites before the failure are recorded
-    replayed = recorder.msngr.trace
-    for name, site in _sample_sites(replayed).items():
+    replayed = replay_until_failure(model, guide_trace, args, kwargs)
+    for name, site in replayed.items():
         if site["is_observed"] or name not in guide_trace.nodes:
             continue
         guide_value = guide_trace.nodes[name]["value"]
@@ -202,6 +199,23 @@ def explain_replay_failure(model, guide, args, kwargs, error: Exception):
         ):
             return _shape_error(name, guide_value.shape, expected, cause=error)
     return None
+
+
+def replay_until_failure(model, guide_trace, args, kwargs) -> dict:
+    """``{name: site}``: the sample sites (subsample sites left out) that ``model``, replayed on
+    ``guide_trace`` in a side run (blocked, with autograd, on the caller's random stream),
+    reached before it failed, or all of them when it did not fail."""
+    import pyro.poutine as poutine
+
+    from pyro_elbo.engine.traces import quietly
+
+    recorder = poutine.trace(poutine.replay(model, trace=guide_trace))
+    try:
+        with quietly(grad=True, fork=False):
+            recorder(*args, **kwargs)
+    except Exception:
+        pass  # the sites before the failure are recorded
+    return _sample_sites(recorder.msngr.trace)
 
 
 def require_reparameterized(particles, objective: str, alternative: str) -> None:

@@ -46,11 +46,11 @@ import torch
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to, constraints
 
-from pyro_elbo.engine.traces import is_messenger, trace_pair
+from pyro_elbo.engine.traces import is_messenger, side_trace_pair
 from pyro_elbo.engine.validation import (
     ModelGuideMismatchError,
     check_traces,
-    explain_replay_failure,
+    replay_until_failure,
 )
 from pyro_elbo.fit.data_checks import check_data, raise_for_data, warn_if_nothing_observed
 from pyro_elbo.fit.first_call import mark_checked
@@ -210,26 +210,7 @@ def check_model_guide(model, guide, objective, args, kwargs, check_density=True)
     """Run guide and model once (unvectorized, blocked) and check the pair; see the module doc.
     ``check_density=False`` leaves the finite-log-density check of the draw to the caller
     (``fit`` runs it after its Laplace stage, which may move the guide to where it is finite)."""
-    with poutine.block():
-        try:  # an AutoMessenger guide runs the model itself: one run gives both traces
-            both = trace_pair(model, guide, args, kwargs) if is_messenger(guide) else None
-            guide_trace = both[1] if both else poutine.trace(guide).get_trace(*args, **kwargs)
-        except Exception as error:
-            raise_for_data(error, args, kwargs)
-            _note(error, "raised by the guide in fit's check before step 1")
-            raise
-        try:
-            model_trace = both[0] if both else poutine.trace(
-                poutine.replay(model, trace=guide_trace)
-            ).get_trace(*args, **kwargs)
-        except Exception as error:
-            explained = explain_replay_failure(model, guide, args, kwargs, error)
-            if explained is not None:
-                raise explained from error
-            raise_for_data(error, args, kwargs)
-            _raise_for_supports(model, guide_trace, args, kwargs, error)
-            _note(error, "raised by the model (replayed on the guide) in fit's check before step 1")
-            raise
+    model_trace, guide_trace = _trace_checked_pair(model, guide, args, kwargs)
     check_data(_sample_sites(model_trace), args, kwargs)
     enumerating = handles_enumeration(objective)
     check_traces(
@@ -266,30 +247,43 @@ def check_pair(model_trace, guide_trace, args, kwargs) -> None:
     warn_if_nothing_observed(model_sites)
 
 
-class _RecordSites(poutine.messenger.Messenger):
-    """Keeps the sample sites seen so far, also when the program then fails."""
+def _trace_checked_pair(model, guide, args, kwargs):
+    """``(model_trace, guide_trace)`` of one side run (blocked, with autograd, on the caller's
+    random stream: a seeded ``fit`` draws after it what it drew before); a failure is
+    explained, naming the argument or site, and says whether the guide or the model raised it."""
+    # the guide traced by its own handler too, so that a model failure can be explained from
+    # the draw it failed on; the model marks that the guide has finished
+    traced_guide = guide if is_messenger(guide) else poutine.trace(guide)
+    reached = []
 
-    def __init__(self):
-        super().__init__()
-        self.sites = {}
+    def replayed_model(*args, **kwargs):
+        reached.append(True)
+        return model(*args, **kwargs)
 
-    def _postprocess_message(self, msg):
-        if msg["type"] == "sample" and not site_is_subsample(msg):
-            self.sites[msg["name"]] = dict(msg)
+    try:
+        return side_trace_pair(
+            replayed_model, traced_guide, args, kwargs, grad=True, fork=False, user=(model, guide)
+        )
+    except Exception as error:
+        if reached and isinstance(error, ModelGuideMismatchError) and error.__cause__ is not None:
+            raise  # explained by the trace service, naming the site
+        raise_for_data(error, args, kwargs)
+        if not reached:  # an AutoMessenger guide runs the model itself: it is the guide's run
+            _note(error, "raised by the guide in fit's check before step 1")
+            raise
+        guide_trace = traced_guide.msngr.trace
+        _raise_for_supports(model, guide_trace, args, kwargs, error)
+        _note(error, "raised by the model (replayed on the guide) in fit's check before step 1")
+        raise
 
 
 def _raise_for_supports(model, guide_trace, args, kwargs, error):
     """The model failed on the guide's draw: if a guide site lies off its prior's support
     (a Normal guide for a positive site makes the model build Normal(0, scale < 0)), raise
     the :class:`SupportMismatchError` that explains it."""
-    record = _RecordSites()
+    reached = replay_until_failure(model, guide_trace, args, kwargs)
     try:
-        with poutine.block(), record:
-            poutine.replay(model, trace=guide_trace)(*args, **kwargs)
-    except Exception:  # the failure being explained
-        pass
-    try:
-        _check_supports(record.sites, _sample_sites(guide_trace))
+        _check_supports(reached, _sample_sites(guide_trace))
     except SupportMismatchError as mismatch:
         raise mismatch from error
 
@@ -570,13 +564,8 @@ def check_initial_density(model, guide, args, kwargs, preflight=None, when="init
     consumed)."""
     if preflight is not None:
         return _check_initial_density(preflight.model_trace, preflight.guide_trace, when)
-    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices), poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-        _check_initial_density(model_trace, guide_trace, when)
+    model_trace, guide_trace = side_trace_pair(model, guide, args, kwargs, grad=True)
+    _check_initial_density(model_trace, guide_trace, when)
 
 
 def _check_initial_density(model_trace, guide_trace, when="initial"):

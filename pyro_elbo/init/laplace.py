@@ -59,7 +59,6 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from pyro import poutine
 from pyro.infer.autoguide import (
     AutoContinuous,
     AutoDelta,
@@ -72,6 +71,7 @@ from pyro.infer.autoguide import (
 from pyro.infer.autoguide.initialization import init_to_feasible
 from pyro.infer.mcmc.util import initialize_model
 
+from pyro_elbo.engine.traces import quietly
 from pyro_elbo.init.counting import CountingPotential, add_gradients, paused
 
 __all__ = [
@@ -388,7 +388,7 @@ def flat_potential(model, *args, guide=None, init_loc_fn=None, dtype=None, **kwa
 def _flat_potential(model, args, kwargs, order, init_loc_fn, dtype):
     init = init_loc_fn or init_to_finite_mean
     try:
-        with poutine.block(), _default_dtype(dtype):
+        with quietly(grad=True, fork=False), _default_dtype(dtype):
             init_params, potential_fn, transforms, trace = initialize_model(
                 model, model_args=args, model_kwargs=kwargs, init_strategy=init
             )
