@@ -20,6 +20,7 @@ __all__ = [
     "explain_replay_failure",
     "replay_until_failure",
     "require_reparameterized",
+    "sample_sites",
 ]
 
 
@@ -27,7 +28,8 @@ class ModelGuideMismatchError(ValueError):
     """The guide does not match the model (missing, extra or mis-shaped sites)."""
 
 
-def _sample_sites(trace):
+def sample_sites(trace) -> dict:
+    """``{name: site}`` of the sample sites of ``trace``, its subsample sites left out."""
     return {
         name: site
         for name, site in trace.nodes.items()
@@ -75,8 +77,8 @@ def check_traces(
 
 
 def _check_traces(model_trace, guide_trace, allow_enumeration, strict):
-    model_sites = _sample_sites(model_trace)
-    guide_sites = _sample_sites(guide_trace)
+    model_sites = sample_sites(model_trace)
+    guide_sites = sample_sites(guide_trace)
     for name, site in guide_sites.items():
         if site["is_observed"] and (
             site["infer"].get("is_auxiliary") or site["infer"].get("_deterministic")
@@ -215,7 +217,7 @@ def replay_until_failure(model, guide_trace, args, kwargs) -> dict:
             recorder(*args, **kwargs)
     except Exception:
         pass  # the sites before the failure are recorded
-    return _sample_sites(recorder.msngr.trace)
+    return sample_sites(recorder.msngr.trace)
 
 
 def require_reparameterized(particles, objective: str, alternative: str) -> None:
