@@ -36,8 +36,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import pyro.poutine as poutine
 import torch
+from pyro.poutine.trace_messenger import TraceMessenger
 
 from pyro_elbo.engine.traces import is_messenger, side_trace_pair
 from pyro_elbo.engine.validation import (
@@ -133,15 +133,21 @@ def _trace_checked_pair(model, guide, args, kwargs):
     """``(model_trace, guide_trace)`` of one side run (blocked, with autograd, on the caller's
     random stream: a seeded ``fit`` draws after it what it drew before); a failure is
     explained, naming the argument or site, and says whether the guide or the model raised it."""
-    # the guide traced by its own handler too, so that a model failure can be explained from
-    # the draw it failed on; the model marks that the guide has finished
-    traced_guide = guide if is_messenger(guide) else poutine.trace(guide)
+    # the guide's sites recorded as it runs (a context, not a second trace handler, which would
+    # annotate a failure twice), so that a model failure can be explained from the draw it
+    # failed on; the model marks that the guide has finished
+    recorder = TraceMessenger()
     reached = []
+
+    def recorded_guide(*args, **kwargs):
+        with recorder:
+            return guide(*args, **kwargs)
 
     def replayed_model(*args, **kwargs):
         reached.append(True)
         return model(*args, **kwargs)
 
+    traced_guide = guide if is_messenger(guide) else recorded_guide
     try:
         return side_trace_pair(
             replayed_model, traced_guide, args, kwargs, grad=True, fork=False, user=(model, guide)
@@ -153,8 +159,7 @@ def _trace_checked_pair(model, guide, args, kwargs):
         if not reached:  # an AutoMessenger guide runs the model itself: it is the guide's run
             _note(error, "raised by the guide in fit's check before step 1")
             raise
-        guide_trace = traced_guide.msngr.trace
-        _raise_for_supports(model, guide_trace, args, kwargs, error)
+        _raise_for_supports(model, recorder.trace, args, kwargs, error)
         _note(error, "raised by the model (replayed on the guide) in fit's check before step 1")
         raise
 
