@@ -27,7 +27,13 @@ from pyro.infer.autoguide import (
     AutoNormal,
 )
 
-__all__ = ["SUPPORTED_GUIDES", "low_rank_factors", "set_guide"]
+__all__ = [
+    "SUPPORTED_GUIDES",
+    "low_rank_factors",
+    "set_guide",
+    "set_parameter",
+    "set_pyro_param",
+]
 
 #: the autoguides :func:`set_guide` knows how to set from the Laplace approximation
 SUPPORTED_GUIDES = (
@@ -100,7 +106,7 @@ def low_rank_factors(covariance: torch.Tensor, rank: int, iterations: int = 200)
     return (sd * log_s.detach().exp()), factor.detach()
 
 
-def _set_pyro_param(module, name, value):
+def set_pyro_param(module, name, value):
     """Set PyroParam ``name`` (dotted) of ``module`` to the constrained ``value``, through the
     param store when the module is registered there."""
     *parents, leaf = name.split(".")
@@ -110,7 +116,8 @@ def _set_pyro_param(module, name, value):
     setattr(module, leaf, value.detach().to(dtype=current.dtype, device=current.device))
 
 
-def _set_parameter(param, value):
+def set_parameter(param, value):
+    """Set the plain ``nn.Parameter`` ``param`` to ``value`` (its dtype and device kept)."""
     with torch.no_grad():
         param.data = value.detach().to(dtype=param.dtype, device=param.device).clone()
 
@@ -136,12 +143,12 @@ def set_guide(guide, result, *, diagonal: str = "conditional",
             if isinstance(guide, AutoNormal):
                 for name in names:
                     shape = dict(result.sites)[name]
-                    _set_pyro_param(guide.locs, name, loc[result.slices[name]].reshape(shape))
+                    set_pyro_param(guide.locs, name, loc[result.slices[name]].reshape(shape))
             elif isinstance(guide, AutoDelta):
                 for name in names:
-                    _set_pyro_param(guide, name, result.mode[name])
+                    set_pyro_param(guide, name, result.mode[name])
             else:
-                _set_parameter(guide.loc, loc)
+                set_parameter(guide.loc, loc)
         return True, f"{type(guide).__name__}: loc = mode, scales unchanged"
     cov = result.covariance[:cut, :cut]
     # the mean-field precision is the guide block's own conditional precision only when the
@@ -156,32 +163,32 @@ def set_guide(guide, result, *, diagonal: str = "conditional",
             for name in names:
                 shape = dict(result.sites)[name]
                 block = result.slices[name]
-                _set_pyro_param(guide.locs, name, loc[block].reshape(shape))
-                _set_pyro_param(guide.scales, name, diag_sd[block].reshape(shape))
+                set_pyro_param(guide.locs, name, loc[block].reshape(shape))
+                set_pyro_param(guide.scales, name, diag_sd[block].reshape(shape))
             what = f"loc = mode, scale = {diagonal} sd"
         elif isinstance(guide, AutoDelta):
             for name in names:
-                _set_pyro_param(guide, name, result.mode[name])
+                set_pyro_param(guide, name, result.mode[name])
             what = "value = mode"
         else:
-            _set_parameter(guide.loc, loc)
+            set_parameter(guide.loc, loc)
             if isinstance(guide, AutoMultivariateNormal):
                 # the leading block of chol(Sigma) is chol of Sigma's leading block
                 tril = result.scale_tril[:cut, :cut]
                 scale = tril.diagonal()
-                _set_pyro_param(guide, "scale", scale)
-                _set_pyro_param(guide, "scale_tril", tril / scale[:, None])
+                set_pyro_param(guide, "scale", scale)
+                set_pyro_param(guide, "scale_tril", tril / scale[:, None])
                 what = "loc = mode, scale_tril = chol(H^-1)"
             elif isinstance(guide, AutoDiagonalNormal):
-                _set_pyro_param(guide, "scale", diag_sd)
+                set_pyro_param(guide, "scale", diag_sd)
                 what = f"loc = mode, scale = {diagonal} sd"
             elif isinstance(guide, AutoLowRankMultivariateNormal):
                 scale, factor = low_rank_factors(cov, guide.rank)
                 if factor.shape[1] < guide.cov_factor.shape[1]:  # rank > dim: zero columns
                     pad = guide.cov_factor.shape[1] - factor.shape[1]
                     factor = torch.cat([factor, factor.new_zeros(factor.shape[0], pad)], -1)
-                _set_pyro_param(guide, "scale", scale)
-                _set_parameter(guide.cov_factor, factor)
+                set_pyro_param(guide, "scale", scale)
+                set_parameter(guide.cov_factor, factor)
                 what = f"loc = mode, rank-{guide.rank} KL-optimal fit to H^-1"
             else:  # AutoLaplaceApproximation: loc only
                 what = "loc = mode"

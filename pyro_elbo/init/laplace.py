@@ -58,7 +58,13 @@ from dataclasses import dataclass, field
 import torch
 
 from pyro_elbo.init.counting import CountingPotential
-from pyro_elbo.init.guide_writers import SUPPORTED_GUIDES, low_rank_factors, set_guide
+from pyro_elbo.init.guide_writers import (
+    SUPPORTED_GUIDES,
+    low_rank_factors,
+    set_guide,
+    set_parameter,
+    set_pyro_param,
+)
 from pyro_elbo.init.hessian import covariance_cholesky, positive_definite
 from pyro_elbo.init.mode import DECREMENT_TOL, hessian, lbfgs_path, newton_polish
 from pyro_elbo.init.path_pick import best_on_path
@@ -68,6 +74,9 @@ from pyro_elbo.init.potential import (
     flat_potential,
     init_to_finite_mean,
 )
+
+#: the writers other modules import from here under their names before the split
+_set_parameter, _set_pyro_param = set_parameter, set_pyro_param
 
 __all__ = [
     "SUPPORTED_GUIDES",
