@@ -3,7 +3,8 @@ venv that has ArviZ 1.x and no torch).
 
 usage: python arviz1_convert.py <pyro_elbo/diagnostics/arviz.py> <groups.npz> <result.json>
 
-Loads the module by path (its numpy half needs neither torch nor pyro), converts the groups
+Loads the module by path (its numpy half, with its siblings psis.py, inference_dict.py and
+loo.py, needs neither torch nor pyro), converts the groups
 with its version dispatch (a DataTree), runs its VI-corrected ``loo``
 (``loo_approximate_posterior``), the naive ``az.loo`` and its ``psis_khat``, and writes what it
 found as JSON.
@@ -19,13 +20,14 @@ import numpy as np
 
 
 def load_module(path):
-    # its sibling psis.py first, under its package name, so that arviz.py's import of it works
-    # without the (torch-importing) package
-    psis = importlib.util.spec_from_file_location(
-        "pyro_elbo.diagnostics.psis", str(path).replace("arviz.py", "psis.py")
-    )
-    sys.modules[psis.name] = importlib.util.module_from_spec(psis)
-    psis.loader.exec_module(sys.modules[psis.name])
+    # its numpy siblings first, under their package names, so that arviz.py's imports of them
+    # work without the (torch-importing) package
+    for sibling in ("psis", "inference_dict", "loo"):
+        spec = importlib.util.spec_from_file_location(
+            f"pyro_elbo.diagnostics.{sibling}", str(path).replace("arviz.py", f"{sibling}.py")
+        )
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[spec.name])
     spec = importlib.util.spec_from_file_location("pyro_elbo_arviz", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here

@@ -26,6 +26,7 @@ from torch.distributions import biject_to
 
 from pyro_elbo.diagnostics.psis import CONSTANT_LOG_WEIGHTS
 from pyro_elbo.engine.particles import guess_plate_nesting, run_particles
+from pyro_elbo.engine.traces import forked_rng
 
 __all__ = ["Degeneracy", "DegenerateGuideError", "NUM_DRAWS", "check_degenerate"]
 
@@ -51,7 +52,7 @@ def check_degenerate(model, guide, args, kwargs, log_weights) -> Degeneracy:
     """Whether ``guide`` is degenerate (see the module doc), given the ``log_weights`` of the
     caller's draws.  Raises :class:`DegenerateGuideError` for a degenerate guide whose weights
     are non-finite (its density overflows its dtype)."""
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    with torch.no_grad(), forked_rng():
         torch.manual_seed(7)
         try:
             nesting = guess_plate_nesting(model, guide, args, kwargs)

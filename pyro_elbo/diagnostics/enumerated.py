@@ -37,6 +37,7 @@ from pyro.ops.packed import unpack
 from pyro.poutine.util import prune_subsample_sites
 
 from pyro_elbo.engine.particles import PARTICLE_PLATE
+from pyro_elbo.engine.traces import side_trace_pair
 
 __all__ = [
     "EnumeratedDraws",
@@ -62,12 +63,7 @@ def enumerated_sites(model_trace, guide_trace) -> list[str]:
 def find_enumerated(model, guide, args, kwargs):
     """``(enumerated site names, guide trace)`` of the pair, from one blocked run that draws no
     random numbers from the caller's stream."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices), poutine.block(), torch.no_grad():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+    model_trace, guide_trace = side_trace_pair(model, guide, args, kwargs)
     return enumerated_sites(model_trace, guide_trace), guide_trace
 
 

@@ -50,6 +50,7 @@ from pyro_elbo.diagnostics.psis import (
 )
 from pyro_elbo.engine.bounds import cubo_estimate, elbo_estimate, iw_estimate
 from pyro_elbo.engine.particles import guess_plate_nesting, run_particles
+from pyro_elbo.engine.traces import forked_rng
 from pyro_elbo.guides.unfitted import param_names, warn_if_created
 
 __all__ = [
@@ -290,7 +291,7 @@ def funnel_sites(model, guide, *args, num_samples: int = 500, **kwargs) -> list:
                     found.setdefault(name, []).append(fn.scale.detach().double().log())
         return found
 
-    with torch.no_grad(), torch.random.fork_rng():
+    with torch.no_grad(), forked_rng():
         torch.manual_seed(5)
         nesting = guess_plate_nesting(model, guide, args, kwargs)
         found = draw_particles(model, guide, args, kwargs, num_samples, nesting, collect)

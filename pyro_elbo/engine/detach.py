@@ -26,7 +26,7 @@ from pyro.infer.autoguide import (
 from pyro.poutine.guide import GuideMessenger
 from pyro.poutine.util import prune_subsample_sites
 
-from pyro_elbo.engine.traces import messenger_guide_trace
+from pyro_elbo.engine.traces import messenger_guide_trace, quietly
 
 __all__ = [
     "GAUSSIAN_AUTOGUIDES",
@@ -191,8 +191,7 @@ def path_derivative_unavailable(guide, args, kwargs) -> str | None:
     DReG need), or ``None`` when it can.  One guide run, hidden from SVI, on a forked generator;
     a guide that fails on its own gives ``None`` (the objective will say why)."""
     messenger = poutine.unwrap(guide)
-    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices), poutine.block():
+    with quietly(grad=True):
         try:
             if isinstance(messenger, GuideMessenger):
                 guide(*args, **kwargs)

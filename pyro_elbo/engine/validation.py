@@ -18,7 +18,9 @@ __all__ = [
     "ModelGuideMismatchError",
     "check_traces",
     "explain_replay_failure",
+    "replay_until_failure",
     "require_reparameterized",
+    "sample_sites",
 ]
 
 
@@ -26,7 +28,8 @@ class ModelGuideMismatchError(ValueError):
     """The guide does not match the model (missing, extra or mis-shaped sites)."""
 
 
-def _sample_sites(trace):
+def sample_sites(trace) -> dict:
+    """``{name: site}`` of the sample sites of ``trace``, its subsample sites left out."""
     return {
         name: site
         for name, site in trace.nodes.items()
@@ -74,8 +77,8 @@ def check_traces(
 
 
 def _check_traces(model_trace, guide_trace, allow_enumeration, strict):
-    model_sites = _sample_sites(model_trace)
-    guide_sites = _sample_sites(guide_trace)
+    model_sites = sample_sites(model_trace)
+    guide_sites = sample_sites(guide_trace)
     for name, site in guide_sites.items():
         if site["is_observed"] and (
             site["infer"].get("is_auxiliary") or site["infer"].get("_deterministic")
@@ -177,19 +180,15 @@ def explain_replay_failure(model, guide, args, kwargs, error: Exception):
     """
     import pyro.poutine as poutine
 
+    from pyro_elbo.engine.traces import quietly
+
     try:
-        with poutine.block():
+        with quietly(grad=True, fork=False):
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
     except Exception:  # the guide fails on its own: let the original error speak
         return None
-    recorder = poutine.trace(poutine.replay(model, trace=guide_trace))
-    try:
-        with poutine.block():
-            recorder(*args, **kwargs)
-    except Exception:
-        pass  # the sites before the failure are recorded
-    replayed = recorder.msngr.trace
-    for name, site in _sample_sites(replayed).items():
+    replayed = replay_until_failure(model, guide_trace, args, kwargs)
+    for name, site in replayed.items():
         if site["is_observed"] or name not in guide_trace.nodes:
             continue
         guide_value = guide_trace.nodes[name]["value"]
@@ -202,6 +201,23 @@ def explain_replay_failure(model, guide, args, kwargs, error: Exception):
         ):
             return _shape_error(name, guide_value.shape, expected, cause=error)
     return None
+
+
+def replay_until_failure(model, guide_trace, args, kwargs) -> dict:
+    """``{name: site}``: the sample sites (subsample sites left out) that ``model``, replayed on
+    ``guide_trace`` in a side run (blocked, with autograd, on the caller's random stream),
+    reached before it failed, or all of them when it did not fail."""
+    import pyro.poutine as poutine
+
+    from pyro_elbo.engine.traces import quietly
+
+    recorder = poutine.trace(poutine.replay(model, trace=guide_trace))
+    try:
+        with quietly(grad=True, fork=False):
+            recorder(*args, **kwargs)
+    except Exception:
+        pass  # the sites before the failure are recorded
+    return sample_sites(recorder.msngr.trace)
 
 
 def require_reparameterized(particles, objective: str, alternative: str) -> None:

@@ -24,10 +24,8 @@ identity, so later steps pay one set lookup):
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 
-import pyro.poutine as poutine
-import torch
+from pyro_elbo.engine.traces import forked_rng, side_trace_pair
 
 __all__ = ["CHECKED_PAIRS", "explain_first_failure", "mark_checked", "run_first_call"]
 
@@ -53,21 +51,12 @@ def run_first_call(objective, model, guide, args, kwargs, compute):
     return result
 
 
-@contextmanager
-def _forked_rng():
-    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        yield
-
-
 def check_after_first_call(objective, model, guide, args, kwargs) -> None:
     """:func:`~pyro_elbo.fit.preflight.check_pair` on one blocked draw of the pair."""
-    from pyro_elbo.engine.traces import trace_pair
     from pyro_elbo.fit.preflight import check_pair
 
     try:
-        with _forked_rng(), poutine.block(), torch.no_grad():
-            model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
+        model_trace, guide_trace = side_trace_pair(model, guide, args, kwargs)
     except Exception:  # the objective's call succeeded: a draw that fails here is not ours
         return
     check_pair(model_trace, guide_trace, args, kwargs)
@@ -81,7 +70,7 @@ def explain_first_failure(objective, model, guide, args, kwargs, error) -> None:
     if _raised_by_pyro_elbo(error):
         return  # already an error of ours, naming the site
     try:
-        with _forked_rng():
+        with forked_rng():
             check_model_guide(model, guide, objective, args, kwargs, check_density=False)
     except (ModelGuideMismatchError, TypeError, ValueError, NotImplementedError) as better:
         if better is error or better.__cause__ is error:

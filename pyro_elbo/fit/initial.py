@@ -23,6 +23,7 @@ import pyro
 import torch
 
 from pyro_elbo.engine.particles import GAUSSIAN_AUTOGUIDES
+from pyro_elbo.engine.traces import forked_rng
 from pyro_elbo.init.laplace import SUPPORTED_GUIDES as LAPLACE_GUIDES
 
 __all__ = [
@@ -118,9 +119,8 @@ def run_laplace(init, model, guide, args, kwargs, *, batched: bool) -> LaplaceSt
     store = pyro.get_param_store()
     saved = _StoreSnapshot(store)
     start = time.perf_counter()
-    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
     try:
-        with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+        with forked_rng(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = laplace_init(model, guide, *args, **kwargs)
     except LaplaceUnavailable as error:

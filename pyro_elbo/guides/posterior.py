@@ -134,13 +134,18 @@ def _auto_normal(guide):
     return marginals
 
 
-def _auto_continuous(guide):
+def _joint_gaussian(guide):
+    """The Gaussian over the flat unconstrained vector of a Pyro ``AutoContinuous`` guide."""
     if not isinstance(
         guide, (AutoDiagonalNormal, AutoMultivariateNormal, AutoLowRankMultivariateNormal)
     ):
         raise TypeError(f"posterior_of does not support {type(guide).__name__}")
     with torch.no_grad():
-        joint = guide.get_posterior()
+        return guide.get_posterior()
+
+
+def _auto_continuous(guide):
+    joint = _joint_gaussian(guide)
     loc = joint.mean.detach()
     diagonal = isinstance(guide, AutoDiagonalNormal)
     scale = joint.stddev.detach() if diagonal else None
@@ -284,13 +289,7 @@ def _auto_normal_joint(guide):
 
 
 def _auto_continuous_joint(guide):
-    if not isinstance(
-        guide, (AutoDiagonalNormal, AutoMultivariateNormal, AutoLowRankMultivariateNormal)
-    ):
-        raise TypeError(f"posterior_of does not support {type(guide).__name__}")
-    with torch.no_grad():
-        base = guide.get_posterior()
-    base = _detached(base)
+    base = _detached(_joint_gaussian(guide))
     blocks, pos = [], 0
     for name, site in guide.prototype_trace.iter_stochastic_nodes():
         shape = torch.Size(guide._unconstrained_shapes[name])

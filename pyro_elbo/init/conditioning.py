@@ -29,7 +29,7 @@ this is the Laplace approximation ``N(m0, L0 L0^T)``) as the reference, and opti
 * **low rank** (``AutoLowRankMultivariateNormal``, ``cov = diag(s) (F F^T + I) diag(s)``):
   ``loc`` as in full rank (with ``L0 = chol`` of the starting covariance), ``s = s0 exp(rho)``,
   ``F`` as is (it is already in units of ``s``), the last two at a tenth of the step (they are
-  not whitened: see ``_LowRank.lr_scales``).
+  not whitened: see ``LowRankBlock.lr_scales``).
 
 The gradient reaches ``(mu, rho, R_off)`` by the chain rule through these maps (one
 vector-Jacobian product per step), Adam steps there, and the guide's own parameters are written
@@ -50,14 +50,9 @@ import math
 
 import pyro
 import torch
-from pyro.infer.autoguide import (
-    AutoDiagonalNormal,
-    AutoLowRankMultivariateNormal,
-    AutoMultivariateNormal,
-    AutoNormal,
-)
 from pyro.optim import PyroOptim
-from torch.distributions import transform_to
+
+from pyro_elbo.init.whitening import MeanFieldBlock, whitened_blocks
 
 __all__ = ["WhitenedAdam", "cosine_decay", "whitened_optim"]
 
@@ -70,180 +65,6 @@ def cosine_decay(num_steps: int, final: float = 0.1):
         return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t))
 
     return schedule
-
-
-# ------------------------------------------------------------------------ parameter handles
-
-
-class _Handle:
-    """One PyroParam or nn.Parameter of the guide: its param-store name and constraint."""
-
-    def __init__(self, module, name):
-        *parents, leaf = name.split(".")
-        for part in parents:
-            module = getattr(module, part)
-        self.module, self.leaf = module, leaf
-        self.fullname = module._pyro_get_fullname(leaf)
-        pyro_params = module.__dict__.get("_pyro_params", {})
-        constraint = pyro_params[leaf][0] if leaf in pyro_params else None
-        self.transform = transform_to(constraint) if constraint is not None else None
-
-    def constrained(self, unconstrained):
-        return unconstrained if self.transform is None else self.transform(unconstrained)
-
-    def unconstrained(self, constrained):
-        return constrained if self.transform is None else self.transform.inv(constrained)
-
-    def current(self):
-        """The current unconstrained tensor (through the param store when registered)."""
-        store = pyro.get_param_store()
-        if self.fullname in store._params:
-            return store._params[self.fullname]
-        name = self.leaf + ("_unconstrained" if self.transform is not None else "")
-        return getattr(self.module, name)
-
-
-# --------------------------------------------------------------------------------- the blocks
-
-
-class _Block:
-    """A group of guide parameters reparameterized jointly: ``psi`` (leaf tensors) and the map
-    ``forward(psi) -> {fullname: unconstrained value}`` with its inverse ``reverse``."""
-
-    handles: list
-
-    def names(self):
-        return [h.fullname for h in self.handles]
-
-
-class _FullRank(_Block):
-    def __init__(self, guide, diagonal=False):
-        self.handles = [_Handle(guide, n) for n in ("loc", "scale", "scale_tril")]
-        loc, scale, tril = (h.constrained(h.current()).detach() for h in self.handles)
-        self.m0 = loc.clone()
-        L = scale[:, None] * tril
-        # diagonal=True: only per-coordinate scales (the marginal sds), no rotation
-        self.L0 = torch.diag_embed(L.pow(2).sum(-1).sqrt()) if diagonal else L.clone()
-        dim = loc.numel()
-        self.psi = [
-            torch.zeros(dim, dtype=loc.dtype, requires_grad=True),  # mu
-            torch.zeros(dim, dtype=loc.dtype, requires_grad=True),  # rho
-            torch.zeros(dim, dim, dtype=loc.dtype, requires_grad=True),  # R_off
-        ]
-        if diagonal:
-            with torch.no_grad():
-                R = torch.linalg.solve_triangular(self.L0, L, upper=False)
-                self.psi[1].copy_(R.diagonal().log())
-                self.psi[2].copy_(R.tril(-1))
-
-    def forward(self, psi):
-        mu, rho, off = psi
-        loc = self.m0 + self.L0 @ mu
-        R = off.tril(-1) + torch.diag_embed(rho.exp())
-        L = self.L0 @ R
-        scale = L.diagonal()
-        tril = L / scale[:, None]
-        h_loc, h_scale, h_tril = self.handles
-        return {
-            h_loc.fullname: loc,
-            h_scale.fullname: h_scale.unconstrained(scale),
-            h_tril.fullname: h_tril.unconstrained(tril),
-        }
-
-    def reverse(self, values):
-        h_loc, h_scale, h_tril = self.handles
-        loc = values[h_loc.fullname]
-        scale = h_scale.constrained(values[h_scale.fullname])
-        tril = h_tril.constrained(values[h_tril.fullname])
-        L = scale[:, None] * tril
-        mu = torch.linalg.solve_triangular(self.L0, (loc - self.m0)[:, None], upper=False)[:, 0]
-        R = torch.linalg.solve_triangular(self.L0, L, upper=False)
-        return [mu, R.diagonal().log(), R.tril(-1)]
-
-
-class _MeanField(_Block):
-    """``AutoDiagonalNormal`` (one loc/scale pair) or one site of ``AutoNormal``."""
-
-    def __init__(self, loc_handle, scale_handle):
-        self.handles = [loc_handle, scale_handle]
-        loc = loc_handle.constrained(loc_handle.current()).detach()
-        scale = scale_handle.constrained(scale_handle.current()).detach()
-        self.m0, self.s0 = loc.clone(), scale.clone()
-        self.psi = [
-            torch.zeros_like(loc, requires_grad=True),
-            torch.zeros_like(loc, requires_grad=True),
-        ]
-
-    def forward(self, psi):
-        mu, rho = psi
-        h_loc, h_scale = self.handles
-        return {
-            h_loc.fullname: self.m0 + self.s0 * mu,
-            h_scale.fullname: h_scale.unconstrained(self.s0 * rho.exp()),
-        }
-
-    def reverse(self, values):
-        h_loc, h_scale = self.handles
-        mu = (values[h_loc.fullname] - self.m0) / self.s0
-        rho = (h_scale.constrained(values[h_scale.fullname]) / self.s0).log()
-        return [mu, rho]
-
-
-class _LowRank(_Block):
-    #: step-size multipliers for (mu, rho, F): s and F are not whitened, and full steps on them
-    #: add noise (measured on the D=50 regression of ``benchmarks.stress``: KL 53.4 at the
-    #: Laplace fit, 78.6 after 300 steps at (1, 1, 1), 56.3 at (1, 0.1, 0.1))
-    lr_scales = (1.0, 0.1, 0.1)
-
-    def __init__(self, guide):
-        self.handles = [_Handle(guide, n) for n in ("loc", "scale", "cov_factor")]
-        loc, scale, factor = (h.constrained(h.current()).detach() for h in self.handles)
-        cov = scale[:, None] * (factor @ factor.T + torch.eye(loc.numel(), dtype=loc.dtype))
-        cov = cov * scale[None, :]
-        self.m0, self.s0 = loc.clone(), scale.clone()
-        self.L0 = torch.linalg.cholesky(cov)
-        self.psi = [
-            torch.zeros_like(loc, requires_grad=True),
-            torch.zeros_like(loc, requires_grad=True),
-            factor.clone().requires_grad_(True),
-        ]
-
-    def forward(self, psi):
-        mu, rho, factor = psi
-        h_loc, h_scale, h_factor = self.handles
-        return {
-            h_loc.fullname: self.m0 + self.L0 @ mu,
-            h_scale.fullname: h_scale.unconstrained(self.s0 * rho.exp()),
-            h_factor.fullname: factor,
-        }
-
-    def reverse(self, values):
-        h_loc, h_scale, h_factor = self.handles
-        loc = values[h_loc.fullname]
-        mu = torch.linalg.solve_triangular(self.L0, (loc - self.m0)[:, None], upper=False)[:, 0]
-        rho = (h_scale.constrained(values[h_scale.fullname]) / self.s0).log()
-        return [mu, rho, values[h_factor.fullname]]
-
-
-def _blocks(guide, diagonal=False):
-    if guide.prototype_trace is None:
-        raise ValueError(
-            f"WhitenedAdam needs the guide's parameters: run the guide once (or laplace_init) "
-            f"before building the optimizer for this {type(guide).__name__}"
-        )
-    with guide._pyro_context:
-        if isinstance(guide, AutoMultivariateNormal):
-            return [_FullRank(guide, diagonal)]
-        if isinstance(guide, AutoLowRankMultivariateNormal):
-            return [_LowRank(guide)]
-        if isinstance(guide, AutoDiagonalNormal):
-            return [_MeanField(_Handle(guide, "loc"), _Handle(guide, "scale"))]
-        if isinstance(guide, AutoNormal):
-            return [
-                _MeanField(_Handle(guide.locs, name), _Handle(guide.scales, name))
-                for name, _ in guide.prototype_trace.iter_stochastic_nodes()
-            ]
-    return []
 
 
 # ------------------------------------------------------------------------------ the optimizer
@@ -283,7 +104,7 @@ class WhitenedAdam(PyroOptim):
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
         super().__init__(torch.optim.Adam, {"lr": other_lr, "betas": betas})
-        self.blocks = _blocks(guide, diagonal)
+        self.blocks = whitened_blocks(guide, diagonal)
         self._names = {n for b in self.blocks for n in b.names()}
         self._psi = [p for b in self.blocks for p in b.psi]
         groups = [
@@ -430,7 +251,7 @@ def whitened_optim(guide, lr: float | None = None, **kwargs) -> WhitenedAdam:
     if lr is None:
         # the D^2 (full rank) or D x r (low rank) coordinates carry the noise; mean-field
         # blocks (D coordinates, each with its own noise) were stable at 0.05 up to D = 200
-        dims = [b.psi[0].numel() for b in _blocks(guide) if not isinstance(b, _MeanField)]
+        dims = [b.psi[0].numel() for b in whitened_blocks(guide) if not isinstance(b, MeanFieldBlock)]
         lr = default_lr(max(dims, default=1))
     kwargs.setdefault("eps", DEFAULT_EPS)
     return WhitenedAdam(guide, lr, **kwargs)

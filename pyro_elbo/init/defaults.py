@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from pyro import poutine
 from pyro.infer.autoguide import (
     AutoLowRankMultivariateNormal,
@@ -36,6 +35,7 @@ from pyro.infer.autoguide import (
 from pyro.poutine.subsample_messenger import _Subsample
 from torch.distributions import biject_to
 
+from pyro_elbo.engine.traces import quietly
 from pyro_elbo.objectives.elbo import ELBO
 
 __all__ = [
@@ -55,7 +55,7 @@ DEFAULT_PARTICLES = 4
 
 
 def _prototype(model, args, kwargs):
-    with torch.no_grad(), poutine.block():
+    with quietly(fork=False):
         return poutine.trace(model).get_trace(*args, **kwargs)
 
 

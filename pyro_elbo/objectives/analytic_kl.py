@@ -41,6 +41,7 @@ from torch.distributions import biject_to, kl_divergence
 from torch.distributions.transforms import ComposeTransform, IndependentTransform
 
 from pyro_elbo.engine.particles import Particles
+from pyro_elbo.engine.traces import quietly
 
 __all__ = ["SiteKL", "analytic_kl_terms", "guide_depends_on"]
 
@@ -153,9 +154,8 @@ def guide_depends_on(guide, args, kwargs, name, others) -> bool:
     space), hidden from SVI, on a forked generator.  True when it cannot tell."""
     import pyro.poutine as poutine
 
-    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
     try:
-        with torch.random.fork_rng(devices=devices), poutine.block(), torch.no_grad():
+        with quietly():
             trace = poutine.trace(guide).get_trace(*args, **kwargs)
             node = trace.nodes[name]
             transform = biject_to(node["fn"].support)

@@ -35,6 +35,7 @@ class ParticleObjective(pyro.infer.ELBO):
         (default), or one after another.
     :param max_plate_nesting: the model's plate nesting, without the particle plate.  Guessed from
         one run when left at ``inf``.
+    :param retain_graph: passed to ``backward`` in ``loss_and_grads`` (Pyro's ``ELBO`` option).
     """
 
     #: the smallest number of particles the objective accepts

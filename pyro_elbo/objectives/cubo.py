@@ -61,11 +61,11 @@ __all__ = ["CUBO"]
 class CUBO(ParticleObjective):
     """Chi upper bound CUBO_n; ``loss`` is its K-particle estimate, minimized.
 
+    :param vectorize_particles, max_plate_nesting, retain_graph: the engine's options, as in
+        :class:`~pyro_elbo.objectives.base.ParticleObjective`.
     :param int num_particles: particles K per step; must exceed ``n / (n - 1)`` (see the module
         docstring).
     :param float n: the order, ``n > 1`` (default 2).
-    :param bool vectorize_particles: vectorize the particles in an outer plate (default True).
-    :param max_plate_nesting: the model's plate nesting (guessed when not given).
     """
 
     def __init__(

@@ -35,14 +35,14 @@ BASELINES = ("loo", "none")
 class ELBO(ParticleObjective):
     """Evidence lower bound; ``loss`` is -ELBO.  Drops into ``pyro.infer.SVI(..., loss=ELBO())``.
 
+    :param vectorize_particles, max_plate_nesting, retain_graph: the engine's options, as in
+        :class:`~pyro_elbo.objectives.base.ParticleObjective`.
     :param int num_particles: particles K per step.
     :param str estimator: ``"reparam"`` (default), ``"stl"`` or ``"score"``.
     :param str baseline: ``"loo"`` (leave-one-out across particles, default) or ``"none"``, for
         score-function terms.  ``estimator="score"`` with ``"loo"`` needs ``num_particles >= 2``.
     :param bool analytic_kl: closed-form KL(q || p) per latent site where valid (reparam only).
     :param float beta: weight of the KL part (``beta=1`` is the ELBO).
-    :param bool vectorize_particles: vectorize the particles in an outer plate (default True).
-    :param max_plate_nesting: the model's plate nesting (guessed when not given).
     """
 
     def __init__(

@@ -38,9 +38,9 @@ __all__ = ["InclusiveKL"]
 class InclusiveKL(ParticleObjective):
     """Forward-KL (wake-phi) fit of the guide; ``loss`` is minus the importance-weighted bound.
 
+    :param vectorize_particles, max_plate_nesting, retain_graph: the engine's options, as in
+        :class:`~pyro_elbo.objectives.base.ParticleObjective`.
     :param int num_particles: particles K per step (>= 2).
-    :param bool vectorize_particles: vectorize the particles in an outer plate (default True).
-    :param max_plate_nesting: the model's plate nesting (guessed when not given).
     """
 
     min_particles = 2

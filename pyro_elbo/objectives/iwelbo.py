@@ -69,11 +69,11 @@ __all__ = [
 class IWELBO(ParticleObjective):
     """Importance-weighted bound; ``loss`` is minus the bound.  Drops into ``SVI``.
 
+    :param vectorize_particles, max_plate_nesting, retain_graph: the engine's options, as in
+        :class:`~pyro_elbo.objectives.base.ParticleObjective`.
     :param int num_particles: particles K per step (K = 1 is the ELBO).
     :param str estimator: ``"reparam"`` (IWAE, default), ``"dreg"`` or ``"stl"`` (see the module
         docstring; ``"dreg"`` and ``"stl"`` need every guide site reparameterized).
-    :param bool vectorize_particles: vectorize the particles in an outer plate (default True).
-    :param max_plate_nesting: the model's plate nesting (guessed when not given).
     """
 
     def __init__(
