@@ -14,9 +14,10 @@ KL(q || p) < 0.01, and the KL at each method's own stop:
   0.01, else those plus 4 per step until the KL (checked after every step) is;
 * ``svi (no Laplace)``: ``fit(..., init=None)``: Adam(0.01) on the STL ELBO from the guide's own
   initialization, the stochastic-gradient VI the BaM and Pathfinder papers compare against;
-* ``bam``: ``fit(..., method="bam")`` (start: one Pathfinder path; then the score match of
-  D + 1 draws), KL of every iterate ``q_t`` checked (``method_options["callback"]``) before its
-  draws are evaluated; ``bam (Laplace start)``: ``method_options={"init": "laplace"}``;
+* ``bam``: ``fit(..., method="bam")`` (start: the Laplace stage up to D = 32, one Pathfinder
+  path above; then the score match of max(D + 1, 32) draws), KL of every iterate ``q_t``
+  checked (``method_options["callback"]``) before its draws are evaluated; ``bam (Pathfinder
+  start)`` / ``(Laplace start)``: ``method_options={"init": "pathfinder" / "laplace"}``;
   ``bam (paper start)``: ``{"init": "prior"}``, from N(u0, I);
 * ``pathfinder``: ``fit(..., method="pathfinder")`` (4 paths); its answer exists only at the
   end, so its count is the whole run's.
@@ -97,7 +98,7 @@ def _svi(oracle, post, init="auto", max_steps=10_000):
             "steps": result.num_steps, "converged": result.converged, "seconds": seconds}
 
 
-def _bam(oracle, post, init="pathfinder", max_iterations=2000):
+def _bam(oracle, post, init="auto", max_iterations=2000):
     from pyro_elbo import fit
 
     hit = {}
@@ -147,6 +148,7 @@ def part_a(dims) -> dict:
             "svi": _svi(oracle, post),
             "svi (no Laplace)": _svi(oracle, post, init=None),
             "bam": _bam(oracle, post),
+            "bam (Pathfinder start)": _bam(oracle, post, init="pathfinder"),
             "bam (Laplace start)": _bam(oracle, post, init="laplace"),
             "bam (paper start)": _bam(oracle, post, init="prior"),
             "pathfinder": _pathfinder(oracle, post),

@@ -7,7 +7,12 @@ scores.  The first iteration of a full-covariance run is BaM's ``lambda -> inf``
 match of ``max(D + 1, batch_size)`` draws (``Sigma' Gamma Sigma' = C``; exact on a Gaussian
 target from any start, and ``D + 1`` is the fewest draws that determine a D-dimensional Gaussian;
 ``method_options={"exact_first": False}`` keeps the schedule); later ones use ``batch_size``
-draws and ``lambda_t = B D / t``.  A diagonal run uses the schedule throughout.
+draws and ``lambda_t = B D / t``.  A diagonal run uses the schedule throughout, and so does
+an ``AutoLowRankMultivariateNormal`` above 200 dimensions (``method_options["low_rank"]``:
+``"auto"``; ``True`` at any size), whose iterations are :mod:`pyro_elbo.vi.lowrank`'s
+``O(D (r + B)^2)`` match-and-patch from one Pathfinder path's factors, no ``D x D`` matrix
+anywhere (below 200 dimensions it gets the dense updates and the KL-closest rank-r member at
+the end).
 
 **Stopping, honest about noise.**
 
@@ -43,11 +48,11 @@ import warnings
 
 import numpy as np
 import torch
-from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoLowRankMultivariateNormal, AutoNormal
 
 from pyro_elbo.fit.initial import LaplaceStage
-from pyro_elbo.vi import bam
-from pyro_elbo.vi.start import bam_start
+from pyro_elbo.vi import bam, lowrank
+from pyro_elbo.vi.start import bam_start, lowrank_start
 from pyro_elbo.vi.target import Target, write_gaussian
 
 __all__ = ["BAM_DEFAULTS", "fit_bam"]
@@ -55,7 +60,7 @@ __all__ = ["BAM_DEFAULTS", "fit_bam"]
 BAM_DEFAULTS = {"batch_size": 32, "tol": 1e-3, "patience": 3, "lr": None, "init": "auto",
                 "max_iterations": 300, "init_scale": 1.0, "exact_first": True,
                 "check_size": 8, "fisher_tol": 1e-3, "start_iterations": 200,
-                "callback": None}
+                "callback": None, "low_rank": "auto"}
 
 _FORMAT = "pyro_elbo.bam/2"
 
@@ -70,17 +75,23 @@ def fit_bam(model, guide, args, kwargs, settings, options, started, show, genera
         guide(*args, **kwargs)  # its parameters and prototype exist before they are written
     target = Target(model, args, kwargs, guide=guide, method="bam")
     diagonal = isinstance(guide, (AutoNormal, AutoDiagonalNormal))
+    low = isinstance(guide, AutoLowRankMultivariateNormal) and _low_rank(options, target.dim)
+    kind = "lowrank" if low else "diagonal" if diagonal else "full"
     path = settings.get("checkpoint")
     path = None if path is None else os.fspath(path)
     every = int(settings.get("checkpoint_every", 500))
     saved = None
     if path is not None and settings.get("resume", True) and os.path.exists(path):
-        saved = _load(path, target.dim, diagonal)
-        state = bam.BaMState(saved["mu"], saved["cov"], int(saved["iteration"]), diagonal)
+        saved = _load(path, target.dim, kind)
+        state = (lowrank.LowRankState if low else bam.BaMState)(*saved["state"])
         generator.set_state(saved["generator"])
         target.potential.num_gradients, target.potential.num_densities = saved["counts"]
         start_note, stage = saved["init"], LaplaceStage(False, None, saved["init"])
         start_count = saved["start_evaluations"]
+    elif low:
+        state, start_note, stage = lowrank_start(target, options, generator,
+                                                 guide.cov_factor.shape[1])
+        start_count = target.num_evaluations
     else:
         state, start_note, stage = bam_start(target, options, diagonal, generator,
                                              laplace=(model, guide, args, kwargs))
@@ -91,7 +102,8 @@ def fit_bam(model, guide, args, kwargs, settings, options, started, show, genera
         limit = int(num_steps)
     else:
         limit = min(int(settings.get("max_steps", 10_000)), int(options["max_iterations"]))
-    run = _Run(limit, num_steps is None, start_count)
+    run = _Run(limit, num_steps is None and not low, start_count)
+    family = lowrank if low else bam
     if saved is not None:
         run.restore(saved)
     converged, stop = None, None
@@ -100,14 +112,14 @@ def fit_bam(model, guide, args, kwargs, settings, options, started, show, genera
         while state.iteration < limit:
             if options["callback"] is not None:
                 options["callback"](state, target.num_evaluations)
-            first = state.iteration == 0 and options["exact_first"] and not diagonal
+            first = state.iteration == 0 and options["exact_first"] and kind == "full"
             size = max(target.dim + 1, options["batch_size"]) if first else options["batch_size"]
-            z, eps = bam.sample(state, size, generator)
+            z, eps = family.sample(state, size, generator)
             check = min(int(options["check_size"]), size)
             log_p, scores = target.batch_log_density_and_grad(z[:check])
             if checking:
-                passed, fisher, se = _score_match_test(state, eps[:check], log_p, scores,
-                                                       options["fisher_tol"])
+                passed, fisher, se = _score_match_test(state, z[:check], eps[:check], log_p,
+                                                       scores, options["fisher_tol"])
                 run.fisher_checks.append((fisher, se))
                 if passed:
                     converged = ("score match", fisher, se)
@@ -115,10 +127,10 @@ def fit_bam(model, guide, args, kwargs, settings, options, started, show, genera
             if check < size:
                 rest_p, rest_g = target.batch_log_density_and_grad(z[check:])
                 log_p, scores = torch.cat([log_p, rest_p]), torch.cat([scores, rest_g])
-            new, info = bam.step(state, z, eps, log_p, scores,
-                                 math.inf if first else options["lr"])
+            new, info = family.step(state, z, eps, log_p, scores,
+                                    math.inf if first else options["lr"])
             if new is None and first:  # fewer than D + 1 finite draws: the schedule instead
-                new, info = bam.step(state, z, eps, log_p, scores, options["lr"])
+                new, info = family.step(state, z, eps, log_p, scores, options["lr"])
             run.losses.append(-info.elbo)
             run.infos.append(info)
             if new is None:
@@ -144,7 +156,7 @@ def fit_bam(model, guide, args, kwargs, settings, options, started, show, genera
                 converged = ("fixed point",)
                 break
             if path is not None and state.iteration % every == 0:
-                _save(path, state, generator, target, start_note, run)
+                _save(path, state, generator, target, start_note, run, kind)
     except KeyboardInterrupt:
         stop = f"interrupted (KeyboardInterrupt) after {state.iteration} iterations"
         warnings.warn(f"fit: {stop}; returning the state reached", stacklevel=3)
@@ -156,7 +168,7 @@ def fit_bam(model, guide, args, kwargs, settings, options, started, show, genera
             bar.update(state.iteration - bar.n)
             bar.close()
     if path is not None:
-        _save(path, state, generator, target, start_note, run)  # before averaging
+        _save(path, state, generator, target, start_note, run, kind)  # before averaging
     averaged = None
     if converged is None and stop is None and run.average is not None and run.average.count:
         averaged = run.average.count
@@ -178,14 +190,17 @@ def fit_bam(model, guide, args, kwargs, settings, options, started, show, genera
     )
 
 
-def _score_match_test(state, eps, log_p, scores, tol):
+def _score_match_test(state, z, eps, log_p, scores, tol):
     """``(passed, mean, se)`` of the per-draw Fisher divergence over the finite draws (module
     docstring, test 1); not passed with fewer than 2 finite draws."""
     finite = torch.isfinite(log_p) & torch.isfinite(scores).all(-1)
     n = int(finite.sum())
     if n < 2:
         return False, float("nan"), float("nan")
-    per_draw = bam.fisher_per_draw(state, eps[finite], scores[finite])
+    if isinstance(state, lowrank.LowRankState):
+        per_draw = lowrank.fisher_per_draw(state, z[finite], scores[finite])
+    else:
+        per_draw = bam.fisher_per_draw(state, eps[finite], scores[finite])
     mean, se = float(per_draw.mean()), float(per_draw.std() / math.sqrt(n))
     return bool(n == len(log_p) and mean + 2 * se < tol), mean, se
 
@@ -212,9 +227,22 @@ def _reason(converged, stop, num_steps, options, state, run, limit, averaged):
             f"{averaged} iterates")
 
 
+def _low_rank(options, dim):
+    """Whether an ``AutoLowRankMultivariateNormal`` gets :mod:`pyro_elbo.vi.lowrank`'s
+    ``O(D (r + B)^2)`` updates: ``low_rank=True``, or ``"auto"`` above 200 dimensions (below,
+    the dense update is cheap and its KL-closest rank-r member is written at the end)."""
+    choice = options["low_rank"]
+    if choice not in (True, False, "auto"):
+        raise ValueError(f"fit(method='bam'): method_options['low_rank'] must be True, False "
+                         f"or 'auto', got {choice!r}")
+    return choice is True or (choice == "auto" and dim > 200)
+
+
 def write_state(guide, target, state):
     """Write BaM's Gaussian into ``guide``."""
-    if state.diagonal:
+    if isinstance(state, lowrank.LowRankState):
+        lowrank.write(guide, state)
+    elif state.diagonal:
         write_gaussian(guide, target, state.mu, variance=state.cov)
     else:
         write_gaussian(guide, target, state.mu, torch.linalg.cholesky(state.cov))
@@ -263,13 +291,12 @@ class _Average:
                             last.diagonal)
 
 
-def _save(path, state, generator, target, note, run):
+def _save(path, state, generator, target, note, run, kind):
     from pyro_elbo.fit import checkpoint as ckpt
 
     average = run.average
     ckpt.save_atomic({
-        "format": _FORMAT, "mu": state.mu, "cov": state.cov, "iteration": state.iteration,
-        "diagonal": state.diagonal, "generator": generator.get_state(),
+        "format": _FORMAT, "state": list(state), "kind": kind, "generator": generator.get_state(),
         "counts": [target.potential.num_gradients, target.potential.num_densities],
         "init": note, "start_evaluations": run.start_count, "losses": list(run.losses), "residuals": list(run.residuals),
         "still": run.still, "infos": [list(i) for i in run.infos],
@@ -279,15 +306,15 @@ def _save(path, state, generator, target, note, run):
     }, path)
 
 
-def _load(path, dim, diagonal):
+def _load(path, dim, kind):
     from pyro_elbo.fit import checkpoint as ckpt
 
     saved = ckpt.load(path, format=_FORMAT)
-    if saved["mu"].numel() != dim or bool(saved["diagonal"]) != diagonal:
+    saved_dim = saved["state"][0].numel()
+    if saved_dim != dim or saved["kind"] != kind:
         raise ckpt.CheckpointMismatchError(
-            f"the checkpoint {path!r} holds a BaM state of {saved['mu'].numel()} dimensions "
-            f"({'diagonal' if saved['diagonal'] else 'full'} covariance), but this model and "
-            f"guide have {dim} ({'diagonal' if diagonal else 'full'}); pass resume=False to "
-            "start over, or another checkpoint path."
+            f"the checkpoint {path!r} holds a BaM state of {saved_dim} dimensions "
+            f"({saved['kind']} covariance), but this model and guide have {dim} ({kind}); pass "
+            "resume=False to start over, or another checkpoint path."
         )
     return saved

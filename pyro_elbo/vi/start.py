@@ -102,3 +102,36 @@ def _laplace(target, diagonal, laplace):
     stage = LaplaceStage(True, result, f"Laplace: {result.num_iterations} L-BFGS iterations, "
                          f"{how}; BaM starts from its Gaussian")
     return bam.init(result.loc.to(target.dtype), cov, diagonal), f"Laplace ({how})", stage
+
+
+def lowrank_start(target, options, generator, rank):
+    """``(state, note, stage)``: a :class:`~pyro_elbo.vi.lowrank.LowRankState` of rank ``rank``
+    from one Pathfinder path's factors (``init`` "auto" or "pathfinder": ``O(D J r)``, no
+    ``D x D`` matrix) or ``N(u_0, init_scale^2 I)`` ("prior", or when the path fails)."""
+    from pyro_elbo.vi import lowrank
+    from pyro_elbo.vi.path import single_path
+
+    init = options["init"]
+    if init == "laplace":
+        raise ValueError("fit(method='bam'): the low-rank updates (method_options['low_rank']) "
+                         "start from init='pathfinder' or 'prior'; init='laplace' needs the dense "
+                         "Hessian. Pass low_rank=False for the dense updates.")
+    if init not in INITS:
+        raise ValueError(f"fit(method='bam'): method_options['init'] must be one of {INITS}, "
+                         f"got {init!r}")
+    note = "N(u_0, init_scale^2 I)"
+    if init in ("auto", "pathfinder"):
+        try:
+            path = single_path(target, target.u0, generator=generator,
+                               max_iterations=int(options["start_iterations"]))
+            best = path.best
+            state = lowrank.from_factors(best.mu, best.alpha, best.beta, best.gamma, rank)
+            note = (f"Pathfinder path: {path.num_iterations} L-BFGS iterations "
+                    f"({path.reason}), q_{path.best_iteration}, patched to rank {rank}")
+            return state, note, LaplaceStage(False, None, note)
+        except (ValueError, RuntimeError) as error:
+            note = f"Pathfinder start failed ({error}); N(u_0, init_scale^2 I)"
+    psi = torch.full((target.dim,), float(options["init_scale"]) ** 2, dtype=target.dtype)
+    state = lowrank.LowRankState(target.u0.clone(), psi,
+                                 target.u0.new_zeros(target.dim, rank), 0)
+    return state, note, LaplaceStage(False, None, note)
