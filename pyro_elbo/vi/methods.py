@@ -8,7 +8,8 @@ gradient evaluations.
   Pathfinder path's Gaussian (:mod:`pyro_elbo.vi.start`), a first iteration that matches the
   scores of ``D + 1`` draws (exact on a Gaussian target), then batches of ``batch_size``; full
   covariance for ``AutoMultivariateNormal`` and ``AutoLowRankMultivariateNormal`` (the latter
-  gets the KL-closest rank-r Gaussian at the end), diagonal for
+  gets the KL-closest rank-r Gaussian at the end; above 200 dimensions the ``O(D (r + B)^2)``
+  updates of :mod:`pyro_elbo.vi.lowrank`), diagonal for
   ``AutoNormal``/``AutoDiagonalNormal``.  Stops at a score match (the Fisher divergence of q on
   a few draws, with its SE) or a fixed point, else ends at the average of the last half of
   ``max_iterations``.
@@ -91,11 +92,12 @@ def _svi(model, guide, args, kwargs, settings):
 
 def _auto(model, guide, args, kwargs, settings):
     """``method="auto"`` (fit's default): ``fit(model, None, *args)`` with no setting of the
-    stochastic-gradient loop runs BaM for up to ``AUTO_BAM_ITERATIONS`` iterations; when its
-    fixed-point test passes (near-Gaussian posteriors: 12-22x fewer evaluations than "svi" on
-    the stress suite at the same accuracy) that is the answer, otherwise (a funnel, a mixture:
-    BaM's score-matching answer was less accurate there) "svi" runs, from its own Laplace
-    stage, and the evaluations of both count.  Anything else is "svi", and so is a recommended
+    stochastic-gradient loop runs BaM for up to ``AUTO_BAM_ITERATIONS`` iterations; when one
+    of its stopping tests passes (score match or fixed point: the near-Gaussian posteriors of
+    the stress suite, at "svi"'s accuracy with far fewer evaluations, README's "Fewer gradient
+    evaluations") that is the answer, otherwise (a funnel, a mixture: BaM's score-matching
+    answer was less accurate there) "svi" runs, from its own Laplace stage, and the
+    evaluations of both count.  Anything else is "svi", and so is a recommended
     guide other than ``AutoMultivariateNormal`` (more than 200 dimensions, where a full
     covariance update costs O(D^3), or latents in a subsampled plate)."""
     plain = all(
