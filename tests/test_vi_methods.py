@@ -453,6 +453,10 @@ def test_default_method_takes_bam_when_it_converges_and_svi_when_not():
     result = fit(gaussian_model, None, seed=0, progress=False, escalate=False)
     assert result.reason.startswith("method='auto' chose BaM")
     assert _kl_to_target(result.guide) < 1e-10
+    # up to 32 dimensions BaM starts from the Laplace stage, exact here: the score-match test
+    # on 8 draws confirms it before any BaM iteration
+    assert result.init.ran and result.num_steps == 0 and "score match" in result.reason
+    assert result.num_evaluations == result.init.result.num_evaluations + 8
     pyro.clear_param_store()
     result = fit(funnel, None, seed=0, progress=False, max_steps=100, escalate=False)
     assert "BaM passed neither of its stopping tests in 30 iterations" in result.reason
