@@ -60,6 +60,78 @@ def test_bam_exact_on_gaussian_target_in_five_iterations():
     assert target.num_evaluations == 5 * 32
 
 
+def _random_gaussian(dim, condition, seed):
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+    cov = (Q * torch.logspace(0, math.log10(condition), dim, dtype=torch.float64)) @ Q.T
+    return torch.randn(dim, generator=gen, dtype=torch.float64), 0.5 * (cov + cov.T)
+
+
+def test_score_match_step_is_exact_on_a_gaussian_target_from_any_start():
+    """BaM's lambda -> inf limit with B = D + 1 draws: one iteration gives the target's mean and
+    covariance (Gamma = P C P), from a start 10 sds off and 100 times too wide; at D = 60 with
+    condition number 1e4 too, where C of 61 draws is nearly singular (the QR/SVD form keeps
+    the digits that forming C and Gamma loses).  With B <= D the limit does not exist."""
+    target = Target(gaussian_model)
+    gen = torch.Generator().manual_seed(0)
+    state = bam.init(torch.full((3,), 10.0, dtype=torch.float64),
+                     100 * torch.eye(3, dtype=torch.float64))
+    z, eps = bam.sample(state, 4, gen)
+    log_p, scores = target.batch_log_density_and_grad(z)
+    new, info = bam.step(state, z, eps, log_p, scores, lr=math.inf)
+    assert new.iteration == 1 and target.num_evaluations == 4
+    assert float((new.mu - MEAN).norm() / MEAN.norm()) < 1e-10
+    assert float((new.cov - COV).norm() / COV.norm()) < 1e-10
+    assert bam.step(state, z[:3], eps[:3], log_p[:3], scores[:3], lr=math.inf)[0] is None
+
+    mean, cov = _random_gaussian(60, 1e4, seed=1)
+    precision = torch.linalg.inv(cov)
+    state = bam.init(torch.zeros(60, dtype=torch.float64), torch.eye(60, dtype=torch.float64))
+    z, eps = bam.sample(state, 61, gen)
+    new, _ = bam.step(state, z, eps, torch.zeros(61, dtype=torch.float64),
+                      -(z - mean) @ precision, lr=math.inf)
+    assert float((new.mu - mean).norm() / mean.norm()) < 1e-6
+    assert float((new.cov - cov).norm() / cov.norm()) < 1e-6
+
+
+def test_fit_bam_is_exact_after_one_iteration_and_counts_every_evaluation():
+    """fit(method="bam")'s start above 32 dimensions, on a 10-D correlated Gaussian: one
+    Pathfinder path (its
+    6-pair inverse Hessian is not the target's), one score match of max(D + 1, 32) = 32 draws,
+    then the score-match test on 8 draws of the result passes: exact to 1e-6 in 1 iteration,
+    and the count is the path's L-BFGS evaluations + 32 + 8, all of the model's gradient runs."""
+    mean, cov = _random_gaussian(10, 100.0, seed=2)
+
+    class Counted:
+        def __init__(self):
+            self.gradients = 0
+
+        def __call__(self):
+            x = pyro.sample("x", dist.MultivariateNormal(mean, covariance_matrix=cov))
+            if x.requires_grad and torch.is_grad_enabled():
+                self.gradients += 1
+
+    setup = Counted()
+    Target(setup)  # what the set-up costs (tracing, initialize_model), counted separately
+    guide_setup = Counted()
+    AutoMultivariateNormal(guide_setup)._setup_prototype()
+    pyro.clear_param_store()
+    model = Counted()
+    guide = AutoMultivariateNormal(model)
+    result = fit(model, guide, method="bam", seed=0, progress=False,
+                 method_options={"init": "pathfinder"})  # the default above D = 32
+    assert result.converged and result.reason.startswith("converged: score match"), result.reason
+    assert result.num_steps == 1
+    start = result.diagnostics["start_evaluations"]
+    assert start > 0 and result.num_evaluations == start + 32 + 8
+    assert result.num_evaluations == model.gradients - setup.gradients - guide_setup.gradients
+    q = pyro_elbo.posterior_of(guide)
+    torch.testing.assert_close(q.mean.double(), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(q.covariance_matrix.double(), cov, rtol=1e-6, atol=1e-6)
+    fisher, se = result.diagnostics["score_match"][-1]
+    assert fisher + 2 * se < 1e-3
+
+
 def _gsm(mu, S, z, g):
     """GSM's update (Modi et al. 2023, Algorithm 1), written from the paper's formulas."""
     Sg = S @ g
@@ -99,7 +171,9 @@ def test_fit_bam_full_and_diagonal_guides():
                  method_options={"init": "prior"}, seed=0, progress=False)
     assert result.converged, result.reason
     assert _kl_to_target(result.guide) < 1e-10
-    assert result.num_evaluations == 32 * result.num_steps
+    # the score match of 32 draws (exact on a Gaussian), then 8 draws that confirm it
+    assert result.reason.startswith("converged: score match")
+    assert result.num_steps == 1 and result.num_evaluations == 32 + 8
     assert len(result.losses) == result.num_steps
     # a diagonal target: the coordinate-wise update is exact there
     scales = torch.tensor([0.5, 2.0, 10.0], dtype=torch.float64)
@@ -313,14 +387,79 @@ def test_bam_writes_a_low_rank_guide():
         TARGET)) < 1e-6
 
 
+def test_low_rank_bam_matches_the_dense_computation():
+    """vi/lowrank.py's factored update (no D x D matrix) against the dense BaM update, its
+    Woodbury Fisher and KL against the dense ones, and the factor-analysis patch recovering a
+    covariance that is rank 2 + diagonal from a redundant representation of it."""
+    from pyro_elbo.vi import lowrank
+
+    gen = torch.Generator().manual_seed(0)
+    D, r, B = 8, 2, 5
+    mu = torch.randn(D, generator=gen, dtype=torch.float64)
+    psi = torch.rand(D, generator=gen, dtype=torch.float64) + 0.5
+    factor = torch.randn(D, r, generator=gen, dtype=torch.float64)
+    cov = torch.diag(psi) + factor @ factor.T
+    z = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    g = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    for lr in (0.7, 50.0):
+        dense_mu, dense_cov = bam.match(mu, cov, z, g, lr)
+        new_mu, new_psi, F, G = lowrank.match(mu, psi, factor, z, g, lr)
+        torch.testing.assert_close(new_mu, dense_mu, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(torch.diag(new_psi) + (F * G) @ F.T, dense_cov,
+                                   rtol=1e-10, atol=1e-10)
+    extra = torch.randn(D, 3, generator=gen, dtype=torch.float64)
+    signs = torch.tensor([1.0] * 5 + [-1.0] * 3, dtype=torch.float64)
+    fit_psi, fit_factor = lowrank.patch(psi, torch.cat([factor, extra, extra], 1), signs, r,
+                                        sweeps=5000, tol=1e-14)
+    torch.testing.assert_close(torch.diag(fit_psi) + fit_factor @ fit_factor.T, cov,
+                               rtol=1e-8, atol=1e-8)
+    state = lowrank.LowRankState(mu, psi, factor, 0)
+    draws, _ = lowrank.sample(state, 4, gen)
+    u = torch.linalg.solve_triangular(torch.linalg.cholesky(cov), (draws - mu).T, upper=False).T
+    torch.testing.assert_close(lowrank.fisher_per_draw(state, draws, g[:4]),
+                               bam.fisher_per_draw(bam.init(mu, cov), u, g[:4]))
+    other = lowrank.LowRankState(mu + 0.1, 1.3 * psi, 0.7 * factor, 1)
+    dense_kl = bam._kl(other.mu, torch.diag(other.psi) + other.factor @ other.factor.T, mu, cov,
+                       False)
+    assert lowrank.kl(other, state) == pytest.approx(dense_kl, rel=1e-10)
+
+
+def test_fit_low_rank_bam_is_exact_on_a_target_in_its_family():
+    """fit(method="bam") with the O(D (r + B)^2) updates (low_rank=True; the default above 200
+    dimensions) on a Gaussian whose covariance is rank 2 + diagonal: exact to 1e-6 after 5
+    iterations of 32 draws, written into AutoLowRankMultivariateNormal."""
+    from pyro.infer.autoguide import AutoLowRankMultivariateNormal
+
+    gen = torch.Generator().manual_seed(4)
+    mean = torch.randn(12, generator=gen, dtype=torch.float64)
+    factor = torch.randn(12, 2, generator=gen, dtype=torch.float64)
+    cov = torch.diag(torch.rand(12, generator=gen, dtype=torch.float64) + 0.5) + factor @ factor.T
+
+    def model():
+        pyro.sample("x", dist.MultivariateNormal(mean, covariance_matrix=cov))
+
+    pyro.clear_param_store()
+    guide = AutoLowRankMultivariateNormal(model, rank=2)
+    result = fit(model, guide, method="bam", seed=0, progress=False, num_steps=5,
+                 method_options={"low_rank": True, "init": "prior"})
+    assert result.num_evaluations == 5 * 32
+    q = pyro_elbo.posterior_of(guide)
+    torch.testing.assert_close(q.mean.double(), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(q.covariance_matrix.double(), cov, rtol=1e-6, atol=1e-6)
+
+
 def test_default_method_takes_bam_when_it_converges_and_svi_when_not():
     pyro.clear_param_store()
     result = fit(gaussian_model, None, seed=0, progress=False, escalate=False)
     assert result.reason.startswith("method='auto' chose BaM")
-    assert result.init.ran and _kl_to_target(result.guide) < 1e-10
+    assert _kl_to_target(result.guide) < 1e-10
+    # up to 32 dimensions BaM starts from the Laplace stage, exact here: the score-match test
+    # on 8 draws confirms it before any BaM iteration
+    assert result.init.ran and result.num_steps == 0 and "score match" in result.reason
+    assert result.num_evaluations == result.init.result.num_evaluations + 8
     pyro.clear_param_store()
     result = fit(funnel, None, seed=0, progress=False, max_steps=100, escalate=False)
-    assert "BaM did not reach its fixed point in 30 iterations" in result.reason
+    assert "BaM passed neither of its stopping tests in 30 iterations" in result.reason
     assert result.diagnostics["bam"]["residual"]
     bam_count = result.diagnostics["bam_evaluations"]
     assert bam_count >= 30 * 32

@@ -27,6 +27,12 @@ The learning rate is ``lambda_t = B D / t`` (t = 1, 2, ...), the schedule of Adv
   schedule the mean and covariance are exact to 1e-6 (relative, float64) after 4 iterations
   from ``N(0, I)`` on the 3-D example of ``tests/test_vi_methods.py`` (errors 3e-2, 7e-4,
   2e-5, 9e-7 for the mean; the test runs 5).
+* **lambda = inf, B >= D + 1** (:func:`_score_match`): the proximal term drops out and the
+  update matches the batch's scores, ``Sigma' Gamma Sigma' = C``, ``mu' = zbar + Sigma' gbar``:
+  exact on a Gaussian target in *one* iteration from any start (``Gamma = P C P`` there).  It
+  needs ``C`` of full rank, i.e. ``D + 1`` draws: the fewest gradient evaluations that can
+  determine a ``D``-dimensional Gaussian (``D + 1`` scores give ``P`` on ``D`` directions).
+  ``fit(method="bam")`` takes this step first (:mod:`pyro_elbo.vi.bam_run`).
 * **B = 1, lambda = inf** is GSM (Modi, Gower, Margossian, Wang, Gower, Blei & Saul, "Variational
   inference with Gaussian score matching", NeurIPS 2023): ``mu' = Sigma' g + z`` and
   ``Sigma' = Sigma + (mu - z)(mu - z)^T - (mu' - z)(mu' - z)^T`` (tested against GSM's own
@@ -37,7 +43,9 @@ The learning rate is ``lambda_t = B D / t`` (t = 1, 2, ...), the schedule of Adv
   scores, not KL: ``sigma_i^2 sum_j P_ij^2 sigma_j^2 = 1`` (P the target precision), narrower
   than mean-field KL's ``1 / P_ii``; use a full-covariance guide for correlated posteriors.
 
-**Stopping** (honest about the noise of B draws): the step's size is measured by
+**Stopping** (:mod:`pyro_elbo.vi.bam_run` adds a score-match test before this one: the
+estimate above on a few draws of ``q_t``, with its standard error) (honest about the noise of B
+draws): the step's size is measured by
 ``KL(q_{t+1} || q_t)``, affine invariant, so relative to the Gaussian's own scale in every
 direction; the run has converged when it stays below ``tol`` for ``patience`` iterations in a
 row.  Each iteration also estimates the ELBO of ``q_t`` (from the batch: no extra evaluations)
@@ -59,7 +67,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["BaMInfo", "BaMState", "default_lr", "init", "match", "step"]
+__all__ = ["BaMInfo", "BaMState", "default_lr", "fisher_per_draw", "init", "match", "step"]
 
 
 class BaMState(NamedTuple):
@@ -114,6 +122,8 @@ def match(mu, cov, z, g, lr: float, diagonal: bool = False):
     B = z.shape[0]
     zbar, gbar = z.mean(0), g.mean(0)
     dz, dg = z - zbar, g - gbar
+    if math.isinf(lr) and B > 1:
+        return _score_match(zbar, gbar, dz, dg, diagonal)
     if math.isinf(lr):
         w, keep = 1.0, 0.0  # lambda / (1 + lambda), 1 / (1 + lambda)
     else:
@@ -143,6 +153,47 @@ def match(mu, cov, z, g, lr: float, diagonal: bool = False):
     new_cov = 0.5 * (new_cov + new_cov.T)
     new_mu = keep * mu + w * (new_cov @ gbar + zbar)
     return new_mu, new_cov
+
+
+def _score_match(zbar, gbar, dz, dg, diagonal):
+    """BaM's ``lambda -> inf`` limit for ``B > 1``: dividing ``Sigma' U Sigma' + Sigma' = V`` by
+    ``lambda`` leaves ``Sigma' Gamma Sigma' = C``, whose PD root is
+    ``Sigma' = L Q diag(w)^-1/2 Q^T L^T`` (``C = L L^T``, ``L^T Gamma L = Q diag(w) Q^T``), and
+    ``mu' = zbar + Sigma' gbar`` (computed from the QR of the draws and the SVD of the scores,
+    below).  ``C`` must be full rank: ``B >= D + 1`` draws (diagonal: 2).
+    On a Gaussian target ``g = -P (z - m)``, so ``Gamma = P C P`` and ``Sigma' = P^-1``,
+    ``mu' = m`` exactly, from any start.  Raises ``RuntimeError`` when ``C`` or ``Gamma`` is
+    not positive definite."""
+    B = dz.shape[0]
+    if diagonal:
+        c, gamma = dz.pow(2).mean(0), dg.pow(2).mean(0)
+        if not bool((c > 0).all() and (gamma > 0).all()):
+            raise RuntimeError("score match: a coordinate without spread in the batch")
+        new_cov = (c / gamma).sqrt()
+        return zbar + new_cov * gbar, new_cov
+    if B <= dz.shape[1]:
+        raise RuntimeError(f"score match needs B >= D + 1 draws, got B = {B}")
+    # without forming C or Gamma (B = D + 1 draws make C ill-conditioned; squaring it loses
+    # all digits): dz / sqrt(B) = Q R, so C = R^T R (L = R^T), and L^T Gamma L = M^T M with
+    # M = dg R^T / sqrt(B) = U diag(s) V^T, so Sigma' = R^T V diag(1 / s) V^T R
+    _, R = torch.linalg.qr(dz / math.sqrt(B))
+    M = dg @ R.T / math.sqrt(B)
+    _, s, Vh = torch.linalg.svd(M, full_matrices=False)
+    if not float(s.min()) > 0:
+        raise RuntimeError("score match: the scores' covariance is not positive definite")
+    RV = R.T @ Vh.T
+    new_cov = (RV / s) @ RV.T
+    new_cov = 0.5 * (new_cov + new_cov.T)
+    return zbar + new_cov @ gbar, new_cov
+
+
+def fisher_per_draw(state: BaMState, eps, scores) -> torch.Tensor:
+    """``|u_b + L^T g_b|^2`` for draws ``z_b = mu + L u_b``: the covariance-weighted Fisher
+    divergence ``E_q |grad log q - grad log p|^2_Sigma`` one draw at a time (AdvancedVI's
+    estimate).  Exactly 0 for every draw when ``q`` is a Gaussian target itself."""
+    scale = scale_of(state)
+    proj = scores * scale if state.diagonal else scores @ scale
+    return (eps + proj).pow(2).sum(-1)
 
 
 def _kl(mu1, cov1, mu0, cov0, diagonal):
@@ -178,9 +229,7 @@ def step(state: BaMState, z, eps, log_p, scores, lr: float | None = None):
         lr = default_lr(B, D, t)
     elbo = float(log_p[finite].mean()) + _entropy(state) if n else float("nan")
     if n >= 1:
-        scale = scale_of(state)
-        proj = scores[finite] * scale if state.diagonal else scores[finite] @ scale
-        per_draw = (eps[finite] + proj).pow(2).sum(-1)
+        per_draw = fisher_per_draw(state, eps[finite], scores[finite])
         fisher = float(per_draw.mean())
         fisher_se = float(per_draw.std() / math.sqrt(n)) if n > 1 else float("nan")
     else:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from pyro import poutine
 from pyro.infer.autoguide import AutoMultivariateNormal
 
+from pyro_elbo.engine.traces import quietly
 from pyro_elbo.vi import path as single
 from pyro_elbo.vi.target import Target, check_guide, gaussian_cholesky, write_gaussian
 
@@ -221,7 +221,7 @@ def _run(model, guide, args, kwargs, seed, options, stacklevel=3, checkpoint=Non
     """Set up the guide and target, run the paths (with ``fit``'s progress bar when
     ``progress`` and a checkpoint after every path at ``checkpoint``), write the chosen
     Gaussian, warn on k-hat; ``((best, best elbos), draws, khat, paths, target)``."""
-    with poutine.block(), torch.no_grad():
+    with quietly(fork=False):
         guide(*args, **kwargs)  # its parameters and prototype exist before they are written
     target = Target(model, args, kwargs, guide=guide, method="pathfinder")
     generator = torch.Generator().manual_seed(
