@@ -128,8 +128,8 @@ class CompiledStep:
     def __call__(self, *args) -> float:
         step = self._step
         step(self.model, self.guide, *args, **self.kwargs)
-        (value,), bad = step.read()
-        if bad is not None:
+        value, finite = step.read_last()
+        if not finite:
             step.forgive()  # that step made no update; the next ones do
         return value
 

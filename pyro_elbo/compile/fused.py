@@ -70,7 +70,7 @@ class FusedStep:
         self.plan.update(params, grads, finite & clean, state)
         bad = torch.where(clean & ~finite, count, flags[1])
         flags.copy_(torch.stack([count, bad]))
-        return (loss,)
+        return (torch.stack([loss.to(flags.dtype), bad]),)
 
     def _build(self, key, args, kwargs, strict=False):
         extra = self._placeholders()
@@ -99,7 +99,8 @@ class FusedStep:
 
     # -------------------------------------------------------------- steps
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        """One step; returns the loss as a device tensor (no host read)."""
+        """One step; returns ``[loss, first non-finite call (0: none)]`` as a float64 device
+        tensor (no host read)."""
         try:
             key = signature(args, kwargs)
         except CaptureError:
@@ -111,12 +112,12 @@ class FusedStep:
             self.bind()
         self.calls += 1
         if fn is None:
-            loss = self._eager(args, kwargs)
+            status = self._eager(args, kwargs)
         else:
             with torch.no_grad():
-                (loss,) = fn(*self.params, *self._state, self.flags, *tensors(args, kwargs))
-        self.pending.append(loss)
-        return loss
+                (status,) = fn(*self.params, *self._state, self.flags, *tensors(args, kwargs))
+        self.pending.append(status)
+        return status
 
     def _eager(self, args, kwargs):
         """A call whose signature could not be captured: the eager objective and optimizer,
@@ -134,20 +135,24 @@ class FusedStep:
         if clean and not finite:
             self.flags[1] = self.flags[0]
         self.bind()
-        return torch.as_tensor(value, dtype=torch.float64)
+        return torch.stack([torch.as_tensor(value, dtype=torch.float64), self.flags[1].clone()])
 
     def read(self):
         """``(losses, first_bad)``: the losses of the calls since the last read, and the index
         (into those losses) of the first non-finite call, or ``None``.  One host read."""
-        if self.pending:
-            losses = torch.stack([loss.to(torch.float64) for loss in self.pending])
-            values = torch.cat([losses, self.flags]).tolist()
-        else:
-            values = self.flags.tolist()
-        losses, bad = values[: len(self.pending)], values[-1]
+        rows = torch.stack(self.pending).tolist() if self.pending else []
+        losses = [row[0] for row in rows]
+        bad = rows[-1][1] if rows else 0.0
         first = int(bad) - self.read_calls - 1 if bad else None
         self.read_calls, self.pending = self.calls, []
         return losses, (first if first is not None and first >= 0 else None)
+
+    def read_last(self):
+        """``(loss, finite)`` of the last call, and forget the pending ones: one host read."""
+        value, bad = self.pending[-1].tolist()
+        finite = not bad or int(bad) <= self.read_calls
+        self.read_calls, self.pending = self.calls, []
+        return value, finite
 
     def forgive(self):
         """Clear the non-finite flag (the loop skipped that step): later steps update again."""
