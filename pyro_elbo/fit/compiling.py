@@ -15,7 +15,11 @@ inductor's cache warm, most of it importing inductor; 20-80 s cold on a 2-core m
 The rule depends on step counts only, so a resumed run compiles from the same step as an
 uninterrupted one (bit for bit on CPU).  ``compile=False`` is eager throughout.
 
-The compiled and eager steps draw the same random numbers (:mod:`pyro_elbo.fast`), so the
+The compiled step holds the optimizer update too when the optimizer is Adam, AdamW or
+ClippedAdam (:mod:`pyro_elbo.compile.fused`; the loop is then
+:func:`pyro_elbo.fit.compiled_loop.fused_loop`, which reads the device every 50 steps); any other
+optimizer runs eagerly after the compiled loss and gradients, and ``result.compiled.reason`` says
+so.  The compiled and eager steps draw the same random numbers (:mod:`pyro_elbo.fast`), so the
 switch changes speed, not the estimator.  When the step cannot be captured (a structure that
 changes between runs, Python reading a tensor's value, ...), the run goes on eagerly and
 ``result.compiled`` says why in one line.
