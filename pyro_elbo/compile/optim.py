@@ -130,7 +130,7 @@ class OptimizerPlan:
         ):
             if i not in self.used:
                 ms.append(torch.zeros_like(leaf, requires_grad=False))
-                vs.append(ms[-1])
+                vs.append(torch.zeros_like(leaf, requires_grad=False))
                 steps.append(0.0)
                 lrs.append(0.0)
                 continue
