@@ -498,3 +498,23 @@ def test_cuda_fused_step_matches_eager():
     assert abs(compiled_.losses - eager.losses).max() < 1e-3 * abs(eager.losses).max()
     for n, value in eager_params.items():
         assert value.is_cuda and torch.allclose(compiled_params[n], value, atol=1e-4), n
+
+
+def test_a_pyro_optim_that_steps_its_own_way_is_not_taken_for_adam():
+    """A PyroOptim subclass (fit's WhitenedAdam is one) holds Adam objects but steps its own
+    way: the graph must not replace its step by Adam's."""
+    from pyro_elbo.compile.optim import OptimizerPlan, Unsupported
+    from pyro_elbo.fit.loop import _make_optimizer
+
+    class OwnStep(pyro.optim.PyroOptim):
+        pass
+
+    leaves = [torch.zeros(2, requires_grad=True)]
+    for optim, refused in ((OwnStep(torch.optim.Adam, {"lr": 0.1}), True),
+                           (pyro.optim.Adam({"lr": 0.1}), False)):
+        adapter = _make_optimizer(optim, leaves, ["x"])
+        if refused:
+            with pytest.raises(Unsupported, match="OwnStep's own step"):
+                OptimizerPlan(adapter, leaves)
+        else:
+            assert OptimizerPlan(adapter, leaves).rules[0][0] == "adam"

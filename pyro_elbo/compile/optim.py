@@ -72,7 +72,10 @@ def _torch_optimizers(adapter, leaves):
         return [adapter.optimizer] * len(leaves)
     optim = adapter.optimizer  # a pyro.optim.PyroOptim: one optimizer per leaf, made lazily
     import pyro
-    from pyro.optim.optim import _load_state_dict
+    from pyro.optim.optim import PyroOptim, _load_state_dict
+
+    if type(optim) is not PyroOptim:  # a subclass steps its own way (e.g. WhitenedAdam)
+        raise Unsupported(f"{type(optim).__name__}'s own step")
 
     found = []
     for leaf in adapter.leaves:  # as PyroOptim.__call__ makes them, for every leaf it steps
