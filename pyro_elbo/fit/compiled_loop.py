@@ -75,11 +75,32 @@ class _Pending:
         run._raise_nonfinite(values[bad], None, rng[bad])
 
 
+def _fit_helpers():
+    """fit's loop helpers, from the modules fit is split into, or from ``fit/loop.py``."""
+    from types import SimpleNamespace
+
+    try:
+        from pyro_elbo.fit.batches import _with_batch
+        from pyro_elbo.fit.nan import _annotate
+        from pyro_elbo.fit.progress import _callable_name, _postfix, _progress_bar
+        from pyro_elbo.fit.result import FitState
+    except ImportError:
+        from pyro_elbo.fit.loop import (
+            FitState,
+            _annotate,
+            _callable_name,
+            _postfix,
+            _progress_bar,
+            _with_batch,
+        )
+    return SimpleNamespace(FitState=FitState, _annotate=_annotate, _callable_name=_callable_name,
+                           _postfix=_postfix, _progress_bar=_progress_bar, _with_batch=_with_batch)
+
+
 def fused_loop(run, bar=None):
     """The steps of ``run`` (a ``fit`` run whose ``step_fn`` is a fused step); ``bar``: the
     progress bar when the run switches to the fused step mid-way."""
-    from pyro_elbo.fit import loop as fit_loop
-
+    fit_loop = _fit_helpers()
     model, guide, rule, step_fn = run.model, run.guide, run.rule, run.step_fn
     batches, callbacks, losses = run.batches, run.callbacks, run.losses
     checkpoint, every, target = run.checkpoint, run.checkpoint_every, run.target
@@ -138,6 +159,7 @@ def fused_loop(run, bar=None):
                     break
                 if run.signals.received is not None:
                     pending.settle()
+                    run.stopped_by = run.signals.name
                     run.stop = f"interrupted ({run.signals.name}) after {step} steps"
                     warnings.warn(f"fit: {run.stop}; checkpointing and returning the state "
                                   "reached", stacklevel=4)

@@ -130,6 +130,8 @@ class Compiler:
             from pyro_elbo.compile.capture import check_static_structure
 
             check_static_structure(run.model, run.guide, args, kwargs)
+            if getattr(run, "strategy", None) is not None:  # gradients averaged over ranks
+                raise Unsupported("a data-parallel run's all-reduce between gradients and update")
             compiled = FusedStep(run.model, run.guide, run.objective, run.names, run.leaves,
                                  run.opt, args, kwargs)
         except Unsupported as error:
