@@ -518,3 +518,41 @@ def test_a_pyro_optim_that_steps_its_own_way_is_not_taken_for_adam():
                 OptimizerPlan(adapter, leaves)
         else:
             assert OptimizerPlan(adapter, leaves).rules[0][0] == "adam"
+
+
+def test_a_batch_shape_that_cannot_be_captured_steps_eagerly_in_the_fused_step():
+    """The fused step (Adam in the graph) meets a batch whose step cannot be one graph (here
+    the model reads a value in Python for short batches only): that call runs the eager
+    objective and Adam on the same state, with a warning, and the run equals the eager one."""
+    data = torch.linspace(-2, 3, 12)
+
+    def sub_model(x):
+        loc = pyro.sample("loc", dist.Normal(0.0, 3.0))
+        scale = 1.0 + 0.0 * loc.sum().item() if len(x) < 8 else 1.0  # on short batches only
+        with pyro.plate("data", 12, subsample=torch.arange(len(x))):
+            pyro.sample("x", dist.Normal(loc, scale), obs=x)
+
+    batches = [data[:8], data[8:]] * 3
+    runs = []
+    for fused in (True, False):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        guide = AutoNormal(sub_model)
+        objective = ELBO(2)
+        names, leaves = fast._leaves_of(objective, sub_model, guide, (data[:8],), {})
+        if fused:
+            step = CompiledStep(sub_model, guide, data[:8], loss=objective, lr=0.1)
+            with pytest.warns(UserWarning, match="runs eagerly because the model or guide reads"):
+                losses = [step(batch) for batch in batches]
+            assert step._step.num_graphs == 1 and len(step._step.fallbacks) == 1
+        else:
+            adam = torch.optim.Adam(leaves, lr=0.1)
+            losses = []
+            for batch in batches:
+                adam.zero_grad()
+                losses.append(objective.loss_and_grads(sub_model, guide, batch))
+                adam.step()
+        runs.append((losses, [leaf.detach().clone() for leaf in leaves]))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
+    for compiled_leaf, eager_leaf in zip(runs[0][1], runs[1][1]):
+        assert torch.allclose(compiled_leaf, eager_leaf, atol=1e-5)

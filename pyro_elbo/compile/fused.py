@@ -135,7 +135,8 @@ class FusedStep:
         if clean and not finite:
             self.flags[1] = self.flags[0]
         self.bind()
-        return torch.stack([torch.as_tensor(value, dtype=torch.float64), self.flags[1].clone()])
+        value = torch.as_tensor(value, dtype=torch.float64, device=self.flags.device)
+        return torch.stack([value, self.flags[1].clone()])
 
     def read(self):
         """``(losses, first_bad)``: the losses of the calls since the last read, and the index
@@ -148,11 +149,11 @@ class FusedStep:
         return losses, (first if first is not None and first >= 0 else None)
 
     def read_last(self):
-        """``(loss, finite)`` of the last call, and forget the pending ones: one host read."""
+        """``(loss, finite)`` of the last call (every earlier one read or forgiven), and forget
+        the pending ones: one host read."""
         value, bad = self.pending[-1].tolist()
-        finite = not bad or int(bad) <= self.read_calls
         self.read_calls, self.pending = self.calls, []
-        return value, finite
+        return value, not bad
 
     def forgive(self):
         """Clear the non-finite flag (the loop skipped that step): later steps update again."""
