@@ -500,9 +500,10 @@ def test_cuda_fused_step_matches_eager():
         assert value.is_cuda and torch.allclose(compiled_params[n], value, atol=1e-4), n
 
 
-def test_a_pyro_optim_that_steps_its_own_way_is_not_taken_for_adam():
+def test_an_optimizer_that_steps_its_own_way_is_not_taken_for_adam():
     """A PyroOptim subclass (fit's WhitenedAdam is one) holds Adam objects but steps its own
-    way: the graph must not replace its step by Adam's."""
+    way, and a scheduler changes Adam's learning rate after each step: the graph must not
+    replace either by plain Adam."""
     from pyro_elbo.compile.optim import OptimizerPlan, Unsupported
     from pyro_elbo.fit.loop import _make_optimizer
 
@@ -518,6 +519,10 @@ def test_a_pyro_optim_that_steps_its_own_way_is_not_taken_for_adam():
                 OptimizerPlan(adapter, leaves)
         else:
             assert OptimizerPlan(adapter, leaves).rules[0][0] == "adam"
+    adapter = _make_optimizer(None, leaves, ["x"])  # torch Adam, then a scheduler stepped after it
+    adapter.scheduler = torch.optim.lr_scheduler.StepLR(adapter.optimizer, 10)
+    with pytest.raises(Unsupported, match="a learning-rate scheduler"):
+        OptimizerPlan(adapter, leaves)
 
 
 def test_a_batch_shape_that_cannot_be_captured_steps_eagerly_in_the_fused_step():

@@ -68,6 +68,8 @@ def _rule_of(optimizer, leaf):
 
 def _torch_optimizers(adapter, leaves):
     """The torch optimizer of each leaf, as ``fit``'s adapter would step it."""
+    if getattr(adapter, "scheduler", None) is not None:  # stepped by the adapter after each step
+        raise Unsupported(f"a learning-rate scheduler ({type(adapter.scheduler).__name__})")
     if adapter.kind == "torch":
         return [adapter.optimizer] * len(leaves)
     optim = adapter.optimizer  # a pyro.optim.PyroOptim: one optimizer per leaf, made lazily
