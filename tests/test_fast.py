@@ -26,7 +26,7 @@ from torch.distributions import constraints, kl_divergence
 from pyro_elbo import CUBO, ELBO, IWELBO, InclusiveKL, fast, posterior_of
 from pyro_elbo.conjugate import LinearRegression
 from pyro_elbo.fast import CompiledLossAndGrads, CompiledStep, compile_step, compiled
-from pyro_elbo.fit import compiling, fit
+from pyro_elbo.fit import NonFiniteError, compiling, fit
 from pyro_elbo.fit.convergence import RelativeTolerance
 
 GEN = torch.Generator().manual_seed(0)
@@ -258,8 +258,10 @@ def test_one_graph_per_batch_shape(monkeypatch):
             pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
 
     captures = []
-    real_capture = fast.capture
-    monkeypatch.setattr(fast, "capture", lambda *a: captures.append(1) or real_capture(*a))
+    from pyro_elbo.compile import graphs
+
+    real_capture = graphs.capture
+    monkeypatch.setattr(graphs, "capture", lambda *a, **k: captures.append(1) or real_capture(*a, **k))
     pyro.clear_param_store()
     guide = AutoNormal(sub_model)
     objective = ELBO(2)
@@ -373,3 +375,189 @@ def test_auto_compiles_a_long_fit_and_resumes_bit_for_bit(tmp_path, monkeypatch)
     assert (resumed.losses == full.losses).all()
     for name, value in full_params.items():
         assert torch.equal(value, resumed_params[name]), name
+
+
+# ------------------------------------------------------------------ the optimizer in the graph
+
+OPTIMIZERS = {
+    "Adam": lambda: None,  # fit's default: torch.optim.Adam over every parameter
+    "ClippedAdam": lambda: pyro.optim.ClippedAdam({"lr": 0.05, "clip_norm": 2.0, "lrd": 0.99}),
+}
+
+
+def fit_params(compile_, optim, args=(X, Y), **options):
+    pyro.clear_param_store()
+    result = fit(model, AutoNormal(model, init_scale=0.5), *args, loss=ELBO(2), seed=0,
+                 progress=False, init=None, compile=compile_, optim=optim, **options)
+    if isinstance(optim, pyro.optim.PyroOptim):  # its state, named while the store holds it
+        result.optim_state = optim.get_state()
+    return result, {n: v.detach().clone() for n, v in pyro.get_param_store().items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_optimizer_in_the_graph_steps_as_the_eager_one(name, dtype):
+    """Loss, gradients and the Adam / ClippedAdam update (gradient clipping and learning-rate
+    decay engaged) as one graph: after 80 steps at the same seed the losses and parameters are
+    the eager run's up to float rounding, and the optimizer's state is the eager one's."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        runs = [fit_params(c, OPTIMIZERS[name](), (X.to(dtype), Y.to(dtype)), num_steps=80)
+                for c in (True, False)]
+    finally:
+        torch.set_default_dtype(default)
+    (compiled_, compiled_params), (eager, eager_params) = runs
+    assert compiled_.compiled and "the optimizer update" in compiled_.compiled.reason
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    assert abs(compiled_.losses - eager.losses).max() < tol * abs(eager.losses).max()
+    for n, value in eager_params.items():
+        assert value.dtype == dtype and torch.allclose(compiled_params[n], value, atol=tol), n
+    if name == "ClippedAdam":  # the step counts and decayed learning rates written back
+        states = [r.optim_state for r in (compiled_, eager)]
+        assert states[0].keys() == states[1].keys() and len(states[0]) == 4
+        for state_c, state_e in zip(*(s.values() for s in states)):
+            assert state_c["state"][0]["step"] == state_e["state"][0]["step"] == 80
+            assert state_c["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.99**80, rel=1e-12)
+            assert torch.allclose(state_c["state"][0]["exp_avg_sq"],
+                                  state_e["state"][0]["exp_avg_sq"], rtol=1e-3, atol=tol)
+
+
+def nan_batches(bad_step, num=120):
+    """Batches of (X, Y) with a NaN in the data of step ``bad_step`` only."""
+    poisoned = X.clone()
+    poisoned[3, 1] = float("nan")
+    return [(poisoned if step == bad_step else X, Y) for step in range(1, num + 1)]
+
+
+@pytest.mark.parametrize("bad_step", [7, 63])
+def test_a_nan_at_step_k_stops_there_with_the_state_of_step_k_minus_1(bad_step):
+    """The compiled loop reads the device every 50 steps: a NaN at step k still raises
+    NonFiniteError naming step k (as the eager loop does), with every earlier loss and the
+    parameters of a run stopped after step k - 1 (the updates after step k were masked)."""
+    errors = []
+    for compile_ in (True, False):
+        with pytest.raises(NonFiniteError) as caught:
+            fit_params(compile_, None, (), data=nan_batches(bad_step), num_steps=120)
+        errors.append((caught.value, {n: v.detach().clone()
+                                      for n, v in pyro.get_param_store().items()}))
+    (compiled_error, compiled_params), (eager_error, _) = errors
+    assert compiled_error.step == eager_error.step == bad_step
+    assert len(compiled_error.losses) == bad_step
+    assert str(compiled_error).splitlines()[0] == str(eager_error).splitlines()[0]
+    _, before = fit_params(True, None, (), data=nan_batches(bad_step)[: bad_step - 1],
+                           num_steps=bad_step - 1)
+    for n, value in before.items():
+        assert torch.equal(compiled_params[n], value), n
+
+
+def test_compiled_loop_resumes_bit_for_bit(tmp_path):
+    """A compiled run (reads every 50 steps) stopped at step 70 and resumed from its checkpoint
+    ends where the uninterrupted one does, bit for bit, ClippedAdam's state included."""
+    def run(checkpoint=None, stop_at=None):
+        optim = OPTIMIZERS["ClippedAdam"]()
+        callbacks = [lambda state: state.step == stop_at] if stop_at else []
+        return fit_params(True, optim, num_steps=130, checkpoint=checkpoint,
+                          checkpoint_every=40, callbacks=callbacks)
+
+    full, full_params = run()
+    path = tmp_path / "run.pt"
+    first, _ = run(path, stop_at=70)
+    assert first.num_steps == 70
+    resumed, resumed_params = run(path)
+    assert resumed.resumed_from == 70 and resumed.compiled
+    assert (resumed.losses == full.losses).all()
+    for name, value in full_params.items():
+        assert torch.equal(value, resumed_params[name]), name
+    assert [s["state"][0]["step"] for s in resumed.optim_state.values()] == [130] * 4
+
+
+def test_an_optimizer_the_graph_cannot_hold_runs_eagerly_after_it(monkeypatch):
+    """SGD (any optimizer but Adam/AdamW/ClippedAdam): the loss and gradients stay one graph,
+    the optimizer steps eagerly after it, and ``result.compiled.reason`` says so."""
+    import functools
+
+    monkeypatch.setattr("pyro_elbo.fast.DEFAULT_BACKEND", "eager")  # the capture is what counts
+    sgd = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.5)
+    (compiled_, compiled_params), (eager, eager_params) = (
+        fit_params(c, sgd, num_steps=30) for c in (True, False))
+    assert compiled_.compiled and "SGD" in compiled_.compiled.reason
+    assert "runs eagerly after the graph" in compiled_.compiled.reason
+    assert abs(compiled_.losses - eager.losses).max() < 1e-4 * abs(eager.losses).max()
+    for n, value in eager_params.items():
+        assert torch.allclose(compiled_params[n], value, atol=1e-5), n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fused_step_matches_eager():
+    """On CUDA (inductor's CUDA graphs asked for): the same run as eager up to rounding."""
+    args = (X.cuda(), Y.cuda())
+    (compiled_, compiled_params), (eager, eager_params) = (
+        fit_params(c, None, args, num_steps=60) for c in (True, False))
+    assert compiled_.compiled
+    assert abs(compiled_.losses - eager.losses).max() < 1e-3 * abs(eager.losses).max()
+    for n, value in eager_params.items():
+        assert value.is_cuda and torch.allclose(compiled_params[n], value, atol=1e-4), n
+
+
+def test_an_optimizer_that_steps_its_own_way_is_not_taken_for_adam():
+    """A PyroOptim subclass (fit's WhitenedAdam is one) holds Adam objects but steps its own
+    way, and a scheduler changes Adam's learning rate after each step: the graph must not
+    replace either by plain Adam."""
+    from pyro_elbo.compile.optim import OptimizerPlan, Unsupported
+    from pyro_elbo.fit.loop import _make_optimizer
+
+    class OwnStep(pyro.optim.PyroOptim):
+        pass
+
+    leaves = [torch.zeros(2, requires_grad=True)]
+    for optim, refused in ((OwnStep(torch.optim.Adam, {"lr": 0.1}), True),
+                           (pyro.optim.Adam({"lr": 0.1}), False)):
+        adapter = _make_optimizer(optim, leaves, ["x"])
+        if refused:
+            with pytest.raises(Unsupported, match="OwnStep's own step"):
+                OptimizerPlan(adapter, leaves)
+        else:
+            assert OptimizerPlan(adapter, leaves).rules[0][0] == "adam"
+    adapter = _make_optimizer(None, leaves, ["x"])  # torch Adam, then a scheduler stepped after it
+    adapter.scheduler = torch.optim.lr_scheduler.StepLR(adapter.optimizer, 10)
+    with pytest.raises(Unsupported, match="a learning-rate scheduler"):
+        OptimizerPlan(adapter, leaves)
+
+
+def test_a_batch_shape_that_cannot_be_captured_steps_eagerly_in_the_fused_step():
+    """The fused step (Adam in the graph) meets a batch whose step cannot be one graph (here
+    the model reads a value in Python for short batches only): that call runs the eager
+    objective and Adam on the same state, with a warning, and the run equals the eager one."""
+    data = torch.linspace(-2, 3, 12)
+
+    def sub_model(x):
+        loc = pyro.sample("loc", dist.Normal(0.0, 3.0))
+        scale = 1.0 + 0.0 * loc.sum().item() if len(x) < 8 else 1.0  # on short batches only
+        with pyro.plate("data", 12, subsample=torch.arange(len(x))):
+            pyro.sample("x", dist.Normal(loc, scale), obs=x)
+
+    batches = [data[:8], data[8:]] * 3
+    runs = []
+    for fused in (True, False):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        guide = AutoNormal(sub_model)
+        objective = ELBO(2)
+        names, leaves = fast._leaves_of(objective, sub_model, guide, (data[:8],), {})
+        if fused:
+            step = CompiledStep(sub_model, guide, data[:8], loss=objective, lr=0.1)
+            with pytest.warns(UserWarning, match="runs eagerly because the model or guide reads"):
+                losses = [step(batch) for batch in batches]
+            assert step._step.num_graphs == 1 and len(step._step.fallbacks) == 1
+        else:
+            adam = torch.optim.Adam(leaves, lr=0.1)
+            losses = []
+            for batch in batches:
+                adam.zero_grad()
+                losses.append(objective.loss_and_grads(sub_model, guide, batch))
+                adam.step()
+        runs.append((losses, [leaf.detach().clone() for leaf in leaves]))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
+    for compiled_leaf, eager_leaf in zip(runs[0][1], runs[1][1]):
+        assert torch.allclose(compiled_leaf, eager_leaf, atol=1e-5)

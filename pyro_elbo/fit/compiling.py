@@ -15,7 +15,11 @@ inductor's cache warm, most of it importing inductor; 20-80 s cold on a 2-core m
 The rule depends on step counts only, so a resumed run compiles from the same step as an
 uninterrupted one (bit for bit on CPU).  ``compile=False`` is eager throughout.
 
-The compiled and eager steps draw the same random numbers (:mod:`pyro_elbo.fast`), so the
+The compiled step holds the optimizer update too when the optimizer is Adam, AdamW or
+ClippedAdam (:mod:`pyro_elbo.compile.fused`; the loop is then
+:func:`pyro_elbo.fit.compiled_loop.fused_loop`, which reads the device every 50 steps); any other
+optimizer runs eagerly after the compiled loss and gradients, and ``result.compiled.reason`` says
+so.  The compiled and eager steps draw the same random numbers (:mod:`pyro_elbo.fast`), so the
 switch changes speed, not the estimator.  When the step cannot be captured (a structure that
 changes between runs, Python reading a tensor's value, ...), the run goes on eagerly and
 ``result.compiled`` says why in one line.
@@ -29,7 +33,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
-from pyro_elbo.fast import _forked_rng
+from pyro_elbo.engine.traces import forked_rng
 
 __all__ = ["AUTO_AFTER", "AUTO_MIN_STEPS", "AUTO_REMAINING", "CompileStatus", "Compiler"]
 
@@ -106,24 +110,50 @@ class Compiler:
         return run.objective.loss_and_grads
 
     def switch(self, run, step):
-        """Capture and compile the step now; the compiled step, or the eager one (and why)."""
+        """Capture and compile the step now: the fused step (loss, gradients and the optimizer
+        update in one graph; :mod:`pyro_elbo.compile.fused`) when the optimizer can run in the
+        graph, else the compiled loss and gradients with the optimizer after it, else the eager
+        step (and why)."""
+        from pyro_elbo.compile.capture import CaptureError
+        from pyro_elbo.compile.fused import FusedStep
+        from pyro_elbo.compile.optim import Unsupported
         from pyro_elbo.fast import compiled_loss_and_grads
 
         self.due = None
         args, kwargs = run.call
-        compiled, why = compiled_loss_and_grads(
-            run.model, run.guide, run.objective, run.names, run.leaves, args, kwargs,
-            batched=self.batched,
-        )
         label = "compile=True" if self.setting is True else 'compile="auto"'
+        first = "step 1" if step == 0 else f"step {step + 1} (after {step} eager steps)"
+        compiled, why, optimizer_note = None, "", ""
+        try:
+            if not all(p.is_leaf for p in run.leaves):
+                raise CaptureError("a parameter is not a leaf tensor")
+            from pyro_elbo.compile.capture import check_static_structure
+
+            check_static_structure(run.model, run.guide, args, kwargs)
+            if getattr(run, "strategy", None) is not None:  # gradients averaged over ranks
+                raise Unsupported("a data-parallel run's all-reduce between gradients and update")
+            compiled = FusedStep(run.model, run.guide, run.objective, run.names, run.leaves,
+                                 run.opt, args, kwargs)
+        except Unsupported as error:
+            optimizer_note = (f"; the optimizer ({type(run.opt.optimizer).__name__}) runs "
+                              f"eagerly after the graph because the graph cannot hold {error}")
+        except CaptureError as error:
+            why = str(error)
+        if compiled is None and not why:
+            compiled, why = compiled_loss_and_grads(
+                run.model, run.guide, run.objective, run.names, run.leaves, args, kwargs,
+                batched=self.batched,
+            )
         if compiled is None:
             self.status = CompileStatus(False, f"{label}: eager, because {why}")
             warnings.warn(f"fit({label}): running eagerly because {why}", stacklevel=4)
             return run.objective.loss_and_grads
-        first = "step 1" if step == 0 else f"step {step + 1} (after {step} eager steps)"
+        what = ("loss, gradients and the optimizer update" if not optimizer_note
+                else "loss and gradients")
         self.status = CompileStatus(
             True,
-            f"{label}: one compiled graph per step ({compiled.backend}) from {first}",
+            f"{label}: one compiled graph per step ({compiled.backend}: {what}) from "
+            f"{first}{optimizer_note}",
             from_step=step + 1,
         )
         return compiled
@@ -135,7 +165,7 @@ class Compiler:
         if not self.status.compiled or not pyro.infer.util.is_validation_enabled():
             return None
         args, kwargs = run.call
-        with _forked_rng(), poutine.block(), torch.no_grad():
+        with forked_rng(), poutine.block(), torch.no_grad():
             torch.set_rng_state(rng_state)
             try:
                 run.objective.loss(run.model, run.guide, *args, **kwargs)

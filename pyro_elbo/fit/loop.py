@@ -54,6 +54,7 @@ import pyro_elbo.fit.identity as identity
 import pyro_elbo.fit.interrupt as interrupt
 import pyro_elbo.fit.location as location
 from pyro_elbo.fit import checkpoint as ckpt
+from pyro_elbo.fit.compiled_loop import fused_loop
 from pyro_elbo.fit.compiling import Compiler, CompileStatus
 from pyro_elbo.fit.convergence import fisher_diagonal, fisher_seed, make_rule
 from pyro_elbo.fit.escalate import check_reparam, escalating_fit, noncentered
@@ -935,6 +936,8 @@ class _Run:
         locals so that the per-step work is the objective, the optimizer and a few checks."""
         model, guide, objective, rule = self.model, self.guide, self.objective, self.rule
         step_fn = self.step_fn
+        if getattr(step_fn, "fused", False):  # the optimizer in the graph: read every N steps
+            return fused_loop(self)
         losses, skipped, store = self.losses, self.skipped, self.store
         batches, callbacks, opt, leaves = self.batches, self.callbacks, self.opt, self.leaves
         checkpoint, every = self.checkpoint, self.checkpoint_every
@@ -957,6 +960,9 @@ class _Run:
                 while step < target:
                     if step >= compile_due:  # compile="auto": the run is long, compile now
                         step_fn = self.step_fn = self.compiler.switch(self, step)
+                        if getattr(step_fn, "fused", False):
+                            bar, handoff = None, bar
+                            return fused_loop(self, handoff)
                         grads_finite = getattr(step_fn, "grads_finite", _grads_finite)
                         compile_due = math.inf
                     if batches is not None:
