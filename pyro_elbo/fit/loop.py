@@ -41,6 +41,7 @@ import time
 
 import pyro
 
+import pyro_elbo.fit.data_parallel as data_parallel
 import pyro_elbo.fit.interrupt as interrupt
 import pyro_elbo.fit.location as location
 from pyro_elbo.fit.batches import _Batches, _with_batch  # noqa: F401 (re-exported)
@@ -48,7 +49,7 @@ from pyro_elbo.fit.convergence import make_rule
 from pyro_elbo.fit.escalate import check_reparam, escalating_fit, noncentered
 from pyro_elbo.fit.initial import check_init
 from pyro_elbo.fit.nan import NonFiniteError, _find_nonfinite  # noqa: F401 (re-exported)
-from pyro_elbo.fit.optimizers import DEFAULT_LR, _make_optimizer  # noqa: F401 (re-exported)
+from pyro_elbo.fit.optimizers import DEFAULT_LR, Scheduled, _make_optimizer  # noqa: F401
 from pyro_elbo.fit.preflight import check_objective, check_optim, check_steps
 from pyro_elbo.fit.progress import _progress_bar, _show_progress  # noqa: F401 (re-exported)
 from pyro_elbo.fit.result import FitResult, FitState
@@ -79,6 +80,7 @@ def fit(
     method_options: dict | None = None,
     escalate: bool = True,
     reparam=None,
+    distributed="auto",
     **kwargs,
 ) -> FitResult:
     """Fit ``guide`` to ``model`` by stochastic optimization of ``loss``; see the module doc.
@@ -143,6 +145,17 @@ def fit(
     :param reparam: ``"noncentered"``: fit the model rewritten by
         :class:`pyro.infer.reparam.LocScaleReparam` on every latent location-scale site (the
         cure for a funnel; ``result.model`` is the rewritten model); default ``None``.
+    :param distributed: data-parallel training across the processes of a ``torchrun`` launch
+        (:mod:`.data_parallel`): ``"auto"`` (default) when ``torch.distributed`` is initialized
+        with more than one process, as under DDP; ``True``: join the group ``torchrun`` set up
+        (``init_process_group`` from the environment) and train data-parallel; ``False``: each
+        process fits on its own.  Call ``fit`` on every rank with the same arguments: rank r
+        seeds ``seed + r`` (``seed=None``: rank 0 draws one), takes batches r, r + R, ... of
+        ``data=`` (a ``DataLoader`` with a ``DistributedSampler`` is taken as this rank's shard)
+        or its own subsample of a subsampled ``pyro.plate``; gradients and losses are averaged
+        over ranks each step, so the NaN guard, the convergence rule and callbacks stop every
+        rank at the same step; rank 0 writes the checkpoints.  No Laplace stage, escalation or
+        compiled step in this mode (``init="auto"`` and ``compile="auto"`` skip them).
     :returns: a :class:`FitResult`.
 
     Ctrl-C (SIGINT) ends the run after the current step: that state is checkpointed and
@@ -150,6 +163,17 @@ def fit(
     a checkpoint, the path is checked and locked before step 1 (:mod:`.location`); a failed
     write later keeps the previous checkpoint and the result carries ``checkpoint_error``.
     """
+    strategy = data_parallel.resolve(distributed)
+    if strategy is not None:
+        escalate = False  # each rank's k-hat would differ: one Gaussian run
+        if method not in ("auto", "svi"):
+            raise ValueError(f"fit: method={method!r} does not run data-parallel; use method='svi'"
+                             " or distributed=False")
+        method = "svi"
+        if compile is True:
+            raise ValueError("fit: compile=True does not run data-parallel yet; pass "
+                             "compile=False or distributed=False")
+        compile = False if compile == "auto" else compile
     if check_reparam(reparam) is not None:
         model, reparam = noncentered(model), None  # rewritten once, here
     if escalate and method == "auto" and guide is None and loss is None and optim is None \
@@ -179,34 +203,44 @@ def fit(
             raise TypeError(f"fit: callbacks[{index}] is not callable: {callback!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"fit: seed must be an integer or None, got {seed!r}")
+    if strategy is not None:
+        strategy.seed(seed)  # rank r: seed + r (before the batch source, which shares it)
     run = _Run(
         model,
         guide,
         args,
         kwargs,
         objective=None if loss is None else check_objective(loss),
-        optim=check_optim(optim),
+        optim=optim if isinstance(optim, Scheduled) else check_optim(optim),
         rule=None if num_steps is not None else make_rule(convergence),
         num_steps=num_steps,
         max_steps=max_steps,
-        show=_show_progress(progress),
+        show=_show_progress(progress) and (strategy is None or strategy.writes),
         callbacks=callbacks,
         checkpoint=None if checkpoint is None else os.fspath(checkpoint),
         checkpoint_every=checkpoint_every,
         skip_nonfinite=skip_nonfinite,
-        batches=_Batches(data) if data is not None else None,
+        batches=None if data is None else _Batches(data) if strategy is None else strategy.batches(data),
         init=init,
         compile=compile,
         seed=seed,
+        strategy=strategy,
     )
-    lock = None if run.checkpoint is None else location.claim(run.checkpoint)
+    lock = None if run.checkpoint is None else location.claim(run.checkpoint) \
+        if strategy is None else strategy.claim(run.checkpoint)
     try:
-        if seed is not None:
+        if seed is not None and strategy is None:
             pyro.set_rng_seed(seed)
-        run.prepare()
+        if strategy is None:
+            run.prepare()
+        else:
+            strategy.together(run.prepare, "before step 1")
+            strategy.start(run)  # rank 0's parameters everywhere
         if run.checkpoint is not None:
-            location.check_space(run.checkpoint, location.estimate_bytes(run.leaves, run.target))
-        if run.checkpoint is not None and resume and os.path.exists(run.checkpoint):
+            _on_main(strategy, "checking the room for the checkpoint", lambda: location.check_space(
+                run.checkpoint, location.estimate_bytes(run.leaves, run.target)))
+        if run.checkpoint is not None and resume and _on_main(
+                strategy, "looking for the checkpoint", lambda: os.path.exists(run.checkpoint)):
             finished = run.resume()
             if finished is not None:
                 return dataclasses.replace(finished, seconds=time.perf_counter() - started)
@@ -220,3 +254,7 @@ def fit(
     interrupt.redeliver(run.signals.received)  # SIGTERM ends the process, after the checkpoint
     return result
 
+
+def _on_main(strategy, when, fn):
+    """``fn()`` here, or on rank 0 of a data-parallel run (its value and error on every rank)."""
+    return fn() if strategy is None else strategy.on_main(fn, when)

@@ -37,7 +37,10 @@ class FitResult:
     * ``stages``, ``khat``, ``resample``: for ``fit(model, None, ...)``, what each stage of the
       escalation did (:class:`~pyro_elbo.fit.escalate.Stage`), the returned guide's PSIS k-hat,
       and ``"psis"`` when its draws are importance-resampled (:mod:`.escalate`);
-    * ``model``: the model fitted (``reparam="noncentered"``: the rewritten one).
+    * ``model``: the model fitted (``reparam="noncentered"``: the rewritten one);
+    * ``distributed``: in a data-parallel run, this process's
+      :class:`~pyro_elbo.fit.data_parallel.DistributedContext` (``rank``, ``world_size``,
+      ``backend``, ``device``); else ``None``.
     """
 
     losses: np.ndarray
@@ -60,6 +63,7 @@ class FitResult:
     khat: float = math.nan
     resample: str | None = None
     model: object = None
+    distributed: object = None
 
     def to_inference_data(self, *args, num_samples: int = 1000, **kwargs):
         """ArviZ data from the fitted guide (:func:`pyro_elbo.to_inference_data`), PSIS-

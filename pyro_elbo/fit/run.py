@@ -19,6 +19,7 @@ import pyro_elbo.fit.saving as saving
 from pyro_elbo.fit.batches import _with_batch
 from pyro_elbo.fit.compiling import Compiler, CompileStatus
 from pyro_elbo.fit.convergence import fisher_diagonal, fisher_seed
+from pyro_elbo.fit.data_parallel import data_parallel_stage
 from pyro_elbo.fit.initial import LaplaceStage, default_optimizer, run_laplace
 from pyro_elbo.fit.nan import (
     _annotate,
@@ -60,6 +61,7 @@ class _Run:
 
     def __init__(self, model, guide, args, kwargs, **settings):
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
+        self.strategy = None  # a data-parallel run's collectives (:mod:`.data_parallel`)
         for name, value in settings.items():
             setattr(self, name, value)
         self.target = int(self.num_steps if self.num_steps is not None else self.max_steps)
@@ -71,6 +73,7 @@ class _Run:
         self.signals = interrupt.DeferSignals()  # what fit installs around the steps
         self.torn = True  # inside a step (a KeyboardInterrupt then: keep the last checkpoint)
         self.checkpoint_error = None
+        self.stopped_by = ""  # the signal that stopped the run
 
     # -------------------------------------------------------------- before step 1
     def prepare(self):
@@ -92,7 +95,7 @@ class _Run:
         check_has_params(pre, guide)
         self.stage = run_laplace(
             self.init, model, guide, args, kwargs, batched=self.batches is not None
-        )
+        ) if self.strategy is None else data_parallel_stage(self.init)
         if self.stage.ran:
             check_initial_density(model, guide, args, kwargs, when="first (after the Laplace stage)")
         else:
@@ -165,7 +168,7 @@ class _Run:
 
     def _fisher(self):
         args, kwargs = self.call
-        return fisher_diagonal(
+        fisher = fisher_diagonal(
             self.guide,
             args,
             kwargs,
@@ -173,6 +176,7 @@ class _Run:
             num_draws=getattr(self.rule, "fisher_draws", 32),
             seed=fisher_seed(self.step),
         )
+        return fisher if self.strategy is None else self.strategy.average(fisher)
 
     def _find(self, rng_state, leaves):
         args, kwargs = self.call
@@ -212,6 +216,7 @@ class _Run:
         num_in_store = len(store)
         finite = math.isfinite
         step = self.step
+        strategy, signalled = self.strategy, False
         grads_finite = getattr(step_fn, "grads_finite", _grads_finite)
         compile_due = self.compiler.due if self.compiler.due is not None else math.inf
         try:
@@ -241,11 +246,16 @@ class _Run:
                         refused = self._refused(error, rng_state, leaves)
                         if refused is None:
                             _annotate(error, step + 1)
+                            if strategy is not None:
+                                strategy.fail(step + 1, error)  # the other ranks raise too
                             raise
                         value = float("nan")
                     if len(store) != num_in_store:
                         self._adopt()
                         num_in_store = len(store)
+                    if strategy is not None:  # gradients and loss averaged over ranks
+                        value, signalled = strategy.reduce(
+                            value, refused is not None, self.signals.received is not None)
                     self.step = step = step + 1
                     if refused is None and finite(value) and grads_finite(leaves):
                         opt.step()
@@ -262,6 +272,8 @@ class _Run:
                     if callbacks:
                         state.step, state.loss = step, value
                         stopping = [cb for cb in callbacks if cb(state) is True]
+                        if strategy is not None and strategy.agree(bool(stopping)):
+                            stopping = stopping or ["a callback on another rank"]
                         if stopping and not finished:
                             self.stop = f"stopped by the callback {_callable_name(stopping[0])}"
                             break
@@ -270,8 +282,11 @@ class _Run:
                         bar.set_postfix_str(_postfix(losses, rule), refresh=False)
                     if finished:
                         break
-                    if self.signals.received is not None:  # after a whole step: consistent
-                        self.stop = f"interrupted ({self.signals.name}) after {step} steps"
+                    if strategy is None:
+                        signalled = self.signals.received is not None
+                    if signalled:  # after a whole step: consistent (on every rank)
+                        self.stopped_by = self.signals.name or "a signal on another rank"
+                        self.stop = f"interrupted ({self.stopped_by}) after {step} steps"
                         warnings.warn(f"fit: {self.stop}; checkpointing and returning the "
                                       "state reached", stacklevel=3)
                         break
@@ -294,13 +309,16 @@ class _Run:
         refused = refused or self.compiler.refusal(self, rng_state)
         if refused is not None:
             error, sites, note = refused
-            raise _nonfinite_error(
+            raise self._ranks(_nonfinite_error(
                 step, value, sites, note, [], losses, self.skipped, cause=error
-            ) from error
+            )) from error
         bad = _nonfinite_grads(self.names, self.leaves)
         self.opt.zero_grad()
         sites, note = self._find(rng_state, self.leaves)
-        raise _nonfinite_error(step, value, sites, note, bad, losses, self.skipped)
+        raise self._ranks(_nonfinite_error(step, value, sites, note, bad, losses, self.skipped))
+
+    def _ranks(self, error):
+        return error if self.strategy is None else self.strategy.explain(error)
 
     def _adopt(self):
         """Parameters created after the first step join the optimizer (and reset the rule)."""
@@ -309,6 +327,13 @@ class _Run:
         new = [(n, leaf) for n, leaf in new if leaf.requires_grad]
         if not new:
             return
+        if self.strategy is not None:
+            error = RuntimeError(
+                f"fit: new parameters appeared at step {self.step + 1} ({[n for n, _ in new][:4]}); "
+                "a data-parallel run needs every parameter created before step 1."
+            )
+            self.strategy.fail(self.step + 1, error)
+            raise error
         self.names.extend(n for n, _ in new)
         self.leaves.extend(leaf for _, leaf in new)
         self.opt.add([leaf for _, leaf in new])
@@ -363,6 +388,7 @@ class _Run:
             num_evaluations=self._num_evaluations(),
             defaults=getattr(self, "defaults", ""),
             model=self.model,
+            distributed=None if self.strategy is None else self.strategy.ctx,
         )
 
     def _num_evaluations(self) -> int:

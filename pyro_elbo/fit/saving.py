@@ -11,6 +11,7 @@ import torch
 
 import pyro_elbo.fit.identity as identity
 from pyro_elbo.fit import checkpoint as ckpt
+from pyro_elbo.fit import data_parallel
 
 __all__ = ["resume", "save"]
 
@@ -18,7 +19,13 @@ __all__ = ["resume", "save"]
 def resume(run):
     """Restore the checkpoint; return a result if it holds a finished run, else ``None``."""
     path, rule = run.checkpoint, run.rule
-    state = ckpt.load(path, required=ckpt.REQUIRED_KEYS)
+    strategy = run.strategy
+    if strategy is None:
+        state = data_parallel.rank_state(ckpt.load(path, required=ckpt.REQUIRED_KEYS), 0, 1, path)
+    else:  # rank 0 reads, every rank receives
+        state = strategy.on_main(lambda: ckpt.load(path, required=ckpt.REQUIRED_KEYS),
+                                 "reading the checkpoint")
+        state = data_parallel.rank_state(state, strategy.rank, strategy.world_size, path)
     ckpt.check_fingerprint(
         state["fingerprint"], ckpt.fingerprint(run.names, run.leaves), path
     )
@@ -70,25 +77,32 @@ def save(run, done=False, converged=False, reason=""):
     rule = run.rule
     if run.torn:
         return
+    rng, data = ckpt.get_rng_state(), run.batches.state_dict() if run.batches is not None else None
+    strategy = run.strategy
+    if strategy is not None:  # every rank's random and data states; rank 0 writes
+        rng, data = strategy.gather(rng), strategy.gather(data)
+        if not strategy.writes:
+            return
     state = {
         "format": ckpt.FORMAT,
         "fingerprint": ckpt.fingerprint(run.names, run.leaves),
         "params": {name: leaf.detach() for name, leaf in zip(run.names, run.leaves)},
         "optim": {"kind": run.opt.kind, "state": run.opt.state_dict()},
-        "rng": ckpt.get_rng_state(),
+        "rng": rng,
         "step": run.step,
         "losses": torch.tensor(run.losses, dtype=torch.float64),
         "skipped": list(run.skipped),
         "rule": None
         if rule is None
         else {"type": type(rule).__name__, "state": rule.state_dict()},
-        "data": run.batches.state_dict() if run.batches is not None else None,
+        "data": data,
         "objective": repr(run.objective),
         "run": run.identity,
         "target": run.target,
         "done": done,
         "converged": converged,
         "reason": reason,
+        "world_size": 1 if strategy is None else strategy.world_size,
     }
     try:
         ckpt.save_atomic(state, run.checkpoint)
