@@ -26,8 +26,8 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_elbo.fit import checkpoint as ck
 from pyro_elbo.fit import NonFiniteError, fit, location
+from pyro_elbo.fit import checkpoint as ck
 from pyro_elbo.fit.checkpoint import (
     CheckpointError,
     CheckpointLockedError,
