@@ -31,6 +31,11 @@ What it does, in order:
 5. **Checkpoints** (:mod:`.checkpoint`): every ``checkpoint_every`` steps and at the end, written
    atomically; ``resume=True`` continues from an existing file, bit for bit on CPU.
 6. **Progress** (tqdm): step, smoothed loss, convergence status.
+7. **Data-parallel** (``distributed=``, :mod:`.data_parallel`): under ``torchrun`` the same loop
+   on every rank, each on its shard, with one all-reduce of the gradients per step.
+
+The modules: :mod:`.run` (the state of one call and its steps), :mod:`.result`,
+:mod:`.optimizers`, :mod:`.batches`, :mod:`.nan`, :mod:`.progress`, :mod:`.saving`.
 """
 
 from __future__ import annotations
