@@ -144,9 +144,29 @@ def _launched(rank, fn, nprocs, port, num_threads, args):
         finished = True
     finally:
         if dist.is_initialized():
-            if finished:  # leave together: a rank tearing down gloo under a busy peer aborts
-                dist.barrier()
+            if finished:
+                _leave_together(rank, nprocs)
             dist.destroy_process_group()
+
+
+def _leave_together(rank, nprocs, timeout=60.0):
+    """Wait until every rank has finished its last collective before any tears gloo down (a
+    rank that destroys its process group while a peer's last message is still in flight can
+    abort with "terminate called without an active exception").  A gloo barrier, then two
+    counters on the group's store, which is outside gloo's transport: "left" (each rank's barrier
+    returned) and "seen" (each other rank saw every rank leave and will not call the store
+    again), so rank 0, which hosts the store, goes last."""
+    dist.barrier()
+    store = dist.distributed_c10d._get_default_store()
+    store.add("pyro_elbo.launch.left", 1)
+    deadline = time.monotonic() + timeout
+    while store.add("pyro_elbo.launch.left", 0) < nprocs and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if rank != 0:
+        store.add("pyro_elbo.launch.seen", 1)
+        return
+    while store.add("pyro_elbo.launch.seen", 0) < nprocs - 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def launch(fn, *args, nprocs: int = 2, num_threads: int | None = 1) -> None:
