@@ -44,7 +44,13 @@ from pyro_elbo.distributed import (
     launch,
     load_checkpoint,
 )
-from pyro_elbo.fit import AutoConvergence, FitResult, NonFiniteError, fit
+from pyro_elbo.fit import (
+    AutoConvergence,
+    CheckpointMismatchError,
+    FitResult,
+    NonFiniteError,
+    fit,
+)
 from pyro_elbo.fit.batches import ShardedBatches
 from pyro_elbo.guides.posterior import posterior_of
 from pyro_elbo.objectives.elbo import ELBO
@@ -295,6 +301,14 @@ def test_rank_zero_checkpoints_and_a_resume_is_bit_for_bit(two_ranks):
         for name, value in run["expected"].items():
             assert torch.equal(run["got"][name], value)
             assert torch.equal(value, ranks[0]["checkpoint"]["expected"][name])
+
+
+def test_a_two_rank_checkpoint_is_not_resumed_by_one_process(two_ranks, tmp_path):
+    outdir, _ = two_ranks
+    path = tmp_path / "two.ckpt"
+    path.write_bytes((outdir / "resumed.ckpt").read_bytes())
+    with pytest.raises(CheckpointMismatchError, match=r"on 2 process\(es\) and this run has 1"):
+        _checkpointed(str(tmp_path), "two.ckpt", 60)
 
 
 def test_a_callback_that_stops_one_rank_stops_both(two_ranks):
