@@ -8,14 +8,8 @@ source, rank 0 writes the checkpoints, the same NaN guard, convergence rule and 
 (``pyro.plate("data", N, subsample_size=n)``: each rank draws its own subsample) or a
 ``data=`` minibatch source whose plate has the full size N::
 
-    ctx = init_distributed()                       # joins the group torchrun set up
-    loader = DataLoader(TensorDataset(X, y), batch_size=256, shuffle=True)
-    result = fit(model, guide, data=loader, seed=0)   # rank r takes batches r, r + R, ...
-
-    def model(X, y):
-        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([D]).to_event(1))
-        with pyro.plate("data", N, subsample_size=len(y)):   # N: the full data size
-            pyro.sample("obs", dist.Normal((X * w).sum(-1), 1.0), obs=y)
+    ctx = init_distributed()                             # joins the group torchrun set up
+    result = fit(model, guide, data=loader, seed=0)      # rank r takes batches r, r + R, ...
 
 This module keeps the launcher-facing pieces: :func:`init_distributed` (join the group),
 :func:`launch` (``torchrun --nproc_per_node`` on one machine, for scripts and tests),
@@ -150,12 +144,10 @@ def _launched(rank, fn, nprocs, port, num_threads, args):
 
 
 def _leave_together(rank, nprocs, timeout=60.0):
-    """Wait until every rank has finished its last collective before any tears gloo down (a
-    rank that destroys its process group while a peer's last message is still in flight can
-    abort with "terminate called without an active exception").  A gloo barrier, then two
-    counters on the group's store, which is outside gloo's transport: "left" (each rank's barrier
-    returned) and "seen" (each other rank saw every rank leave and will not call the store
-    again), so rank 0, which hosts the store, goes last."""
+    """Every rank has finished its last collective before any tears gloo down (else one can
+    abort: "terminate called without an active exception"): a gloo barrier, then counters on
+    the group's store (outside gloo): "left" (the barrier returned) and "seen" (the other ranks
+    are done with the store, so rank 0, its host, goes last)."""
     dist.barrier()
     store = dist.distributed_c10d._get_default_store()
     store.add("pyro_elbo.launch.left", 1)

@@ -186,6 +186,28 @@ def _stopped_by_a_callback(rank):
     return {"num_steps": result.num_steps, "reason": result.reason}
 
 
+def _fails_on_rank_one(rank, when):
+    """Rank 1's model raises from the start (``"before"`` step 1) or from step 3 on."""
+    pyro.clear_param_store()
+    oracle = _oracle(64, 2, seed=5)
+    batch_model, armed = _batch_model(oracle), [when == "before"]
+
+    def model(X, y):
+        if rank == 1 and armed[0]:
+            raise KeyError("the model's own bug")
+        batch_model(X, y)
+
+    def arm(state):
+        armed[0] = armed[0] or state.step == 2
+
+    try:
+        fit(model, AutoDelta(model), data=list(zip(oracle.X.split(8), oracle.y.split(8))),
+            num_steps=10, progress=False, init=None, callbacks=[arm])
+    except Exception as error:  # noqa: BLE001 - the test records what each rank raised
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 def _fit_map(checkpoint=None, device=None, **guide_options):
     pyro.clear_param_store()
     oracle = _oracle(MAP["N"], MAP["D"], seed=0)
@@ -226,6 +248,7 @@ def _worker(outdir):
                             "resumed": torch.as_tensor(resumed.losses), "got": got,
                             "resumed_from": resumed.resumed_from}
     record["callback"] = _stopped_by_a_callback(ctx.rank)
+    record["fails"] = [_fails_on_rank_one(ctx.rank, when) for when in ("before", "step")]
     map_result, map_params = _fit_map(checkpoint=os.path.join(outdir, "map.pt"))
     record["map"] = {"losses": map_result.losses, "params": map_params,
                      "per_rank": map_result.batch_size_per_rank}
@@ -309,6 +332,15 @@ def test_a_two_rank_checkpoint_is_not_resumed_by_one_process(two_ranks, tmp_path
     path.write_bytes((outdir / "resumed.ckpt").read_bytes())
     with pytest.raises(CheckpointMismatchError, match=r"on 2 process\(es\) and this run has 1"):
         _checkpointed(str(tmp_path), "two.ckpt", 60)
+
+
+def test_an_error_on_one_rank_is_raised_on_both(two_ranks):
+    _, ranks = two_ranks
+    for own in ranks[1]["fails"]:
+        assert own.startswith("KeyError") and "the model's own bug" in own
+    before, during = ranks[0]["fails"]
+    assert before.startswith("RuntimeError: fit: rank 1 of 2 failed before step 1 (KeyError")
+    assert during.startswith("RuntimeError: fit: rank 1 of 2 failed in a step (KeyError")
 
 
 def test_a_callback_that_stops_one_rank_stops_both(two_ranks):
