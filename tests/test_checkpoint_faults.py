@@ -26,8 +26,8 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+from pyro_elbo.fit import NonFiniteError, fit, location
 from pyro_elbo.fit import checkpoint as ck
-from pyro_elbo.fit import fit, location
 from pyro_elbo.fit.checkpoint import (
     CheckpointError,
     CheckpointLockedError,
@@ -608,7 +608,7 @@ def test_fit_distributed_resume_applies_lr_and_refuses_dtype_casts(tmp_path):
     bad = x.clone()
     bad[6] = float("nan")
     with pytest.raises(
-        FloatingPointError, match=r"NaN/inf in data tensor\(s\) \[0\].*not the cause"
+        NonFiniteError, match=r"data observed at 'obs'.*not the cause"
     ):
         pyro.clear_param_store()
         fit_distributed(linreg_model, linreg_guide, bad, num_steps=4, batch_size=4, shuffle=False)

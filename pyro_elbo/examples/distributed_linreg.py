@@ -14,10 +14,10 @@ with :func:`pyro_elbo.distributed.fit_distributed`: each rank takes its shard of
 its own particles, and the gradients are averaged across ranks every step.  Rank 0 then prints
 KL(q || exact posterior) from the :class:`pyro_elbo.conjugate.LinearRegression` oracle.
 
-The model takes the minibatch, the full data size and the rows' indices, and says so in its
-data plate, so that every rank's minibatch term is scaled by N / n to the full data::
+The model takes the minibatch and gives its data plate the full data size, so that every rank's
+minibatch term is scaled by N / n to the full data::
 
-    with pyro.plate("data", full_size, subsample=subsample):
+    with pyro.plate("data", N, subsample_size=len(y)):
         pyro.sample("obs", ..., obs=y)
 """
 
@@ -34,13 +34,13 @@ from pyro_elbo.guides.posterior import posterior_of
 from pyro_elbo.objectives.elbo import ELBO
 
 
-def make_model(prior_scale, noise_scale):
-    """``model(X, y, full_size, subsample)``: the oracle's model, fed a minibatch."""
+def make_model(prior_scale, noise_scale, num_data):
+    """``model(X, y)``: the oracle's model, fed a minibatch of its ``num_data`` rows."""
 
-    def model(X, y, full_size, subsample):
+    def model(X, y):
         prior = dist.Normal(torch.zeros_like(prior_scale), prior_scale).to_event(1)
         w = pyro.sample("weights", prior)
-        with pyro.plate("data", full_size, subsample=subsample):
+        with pyro.plate("data", num_data, subsample_size=len(y)):
             # (X * w).sum(-1) broadcasts over the particle plate; X @ w would not
             pyro.sample("obs", dist.Normal((X * w).sum(-1), noise_scale), obs=y)
 
@@ -68,7 +68,7 @@ def main(argv=None):
     if args.num_particles % ctx.world_size:
         parser.error(f"--num-particles must be divisible by the {ctx.world_size} ranks")
     oracle = LinearRegression.simulate(args.num_data, args.dim, seed=args.seed, noise_scale=0.5)
-    model = make_model(oracle.prior_scale, oracle.noise_scale)
+    model = make_model(oracle.prior_scale, oracle.noise_scale, args.num_data)
     guide = AutoMultivariateNormal(model)
     result = fit_distributed(
         model,

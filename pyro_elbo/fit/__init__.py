@@ -3,11 +3,12 @@
 :func:`fit` runs stochastic VI with the recommended guide and objective where none is given
 and a Laplace stage before step 1 (:mod:`.initial`), for ``guide=None`` an escalation from the
 Gaussian to a flow guide decided by PSIS k-hat (:mod:`.escalate`), checks before step 1
-(:mod:`.preflight`),
-automatic
-convergence (:mod:`.convergence`), a NaN/inf guard, crash-safe checkpoints with exact resume
-(:mod:`.checkpoint`; the path checked and locked, :mod:`.location`; the run's identity compared on
-resume, :mod:`.identity`; signals handled between steps, :mod:`.interrupt`), a progress bar and callbacks, and returns a :class:`FitResult`.
+(:mod:`.preflight`), automatic convergence (:mod:`.convergence`), a NaN/inf guard (:mod:`.nan`),
+crash-safe checkpoints with exact resume (:mod:`.checkpoint`, :mod:`.saving`; the path checked
+and locked, :mod:`.location`; the run's identity compared on resume, :mod:`.identity`; signals
+handled between steps, :mod:`.interrupt`), a progress bar and callbacks, and returns a
+:class:`FitResult`.  Under ``torchrun`` the same loop trains data-parallel
+(:mod:`.data_parallel`).
 """
 
 from pyro_elbo.fit.checkpoint import (

@@ -25,7 +25,11 @@ import warnings
 import torch
 
 from pyro_elbo.engine.traces import forked_rng
+from pyro_elbo.fit.batches import _with_batch
 from pyro_elbo.fit.convergence import AutoConvergence
+from pyro_elbo.fit.nan import _annotate
+from pyro_elbo.fit.progress import _callable_name, _postfix, _progress_bar
+from pyro_elbo.fit.result import FitState
 
 __all__ = ["READ_EVERY", "fused_loop"]
 
@@ -75,40 +79,17 @@ class _Pending:
         run._raise_nonfinite(values[bad], None, rng[bad])
 
 
-def _fit_helpers():
-    """fit's loop helpers, from the modules fit is split into, or from ``fit/loop.py``."""
-    from types import SimpleNamespace
-
-    try:
-        from pyro_elbo.fit.batches import _with_batch
-        from pyro_elbo.fit.nan import _annotate
-        from pyro_elbo.fit.progress import _callable_name, _postfix, _progress_bar
-        from pyro_elbo.fit.result import FitState
-    except ImportError:
-        from pyro_elbo.fit.loop import (
-            FitState,
-            _annotate,
-            _callable_name,
-            _postfix,
-            _progress_bar,
-            _with_batch,
-        )
-    return SimpleNamespace(FitState=FitState, _annotate=_annotate, _callable_name=_callable_name,
-                           _postfix=_postfix, _progress_bar=_progress_bar, _with_batch=_with_batch)
-
-
 def fused_loop(run, bar=None):
     """The steps of ``run`` (a ``fit`` run whose ``step_fn`` is a fused step); ``bar``: the
     progress bar when the run switches to the fused step mid-way."""
-    fit_loop = _fit_helpers()
     model, guide, rule, step_fn = run.model, run.guide, run.rule, run.step_fn
     batches, callbacks, losses = run.batches, run.callbacks, run.losses
     checkpoint, every, target = run.checkpoint, run.checkpoint_every, run.target
     args, kwargs = run.call
-    state = fit_loop.FitState(losses, run.objective, run.opt.optimizer, rule, run.names)
+    state = FitState(losses, run.objective, run.opt.optimizer, rule, run.names)
     state._store = run.store
     if bar is None:
-        bar = fit_loop._progress_bar(run.show, target, run.step)
+        bar = _progress_bar(run.show, target, run.step)
     per_step = bool(callbacks) or run.skip_nonfinite > 0 or (
         rule is not None and not isinstance(rule, AutoConvergence))
     every_read = 1 if per_step else READ_EVERY
@@ -127,12 +108,12 @@ def fused_loop(run, bar=None):
                         pending.settle()
                         run.stop = f"the data iterator was exhausted after {step} steps"
                         break
-                    args, kwargs = run.call = fit_loop._with_batch(run.args, run.kwargs, batch)
+                    args, kwargs = run.call = _with_batch(run.args, run.kwargs, batch)
                 pending.add(args, kwargs)
                 try:
                     step_fn(model, guide, *args, **kwargs)
                 except Exception as error:
-                    fit_loop._annotate(error, step + 1)
+                    _annotate(error, step + 1)
                     raise
                 run.step = step = step + 1
                 if step % every_read == 0 or step == target:
@@ -149,11 +130,11 @@ def fused_loop(run, bar=None):
                     state.step, state.loss = step, value
                     stopping = [cb for cb in callbacks if cb(state) is True]
                     if stopping and not finished:
-                        run.stop = f"stopped by the callback {fit_loop._callable_name(stopping[0])}"
+                        run.stop = f"stopped by the callback {_callable_name(stopping[0])}"
                         break
                 if bar is not None and step % 50 == 0:
                     bar.update(step - bar.n)
-                    bar.set_postfix_str(fit_loop._postfix(losses, rule), refresh=False)
+                    bar.set_postfix_str(_postfix(losses, rule), refresh=False)
                 if finished:
                     pending.settle()
                     break
@@ -177,5 +158,5 @@ def fused_loop(run, bar=None):
         run.opt.zero_grad()
         if bar is not None:
             bar.update(run.step - bar.n)
-            bar.set_postfix_str(fit_loop._postfix(losses, rule), refresh=True)
+            bar.set_postfix_str(_postfix(losses, rule), refresh=True)
             bar.close()

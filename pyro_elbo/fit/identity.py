@@ -299,6 +299,8 @@ def describe_data(data) -> dict:
             out["dataset"] = describe_value(list(dataset.tensors))
     elif isinstance(data, (list, tuple)):
         out["batches"] = describe_value(list(data))
+    elif callable(getattr(data, "describe", None)):  # e.g. fit_distributed's row shards
+        out.update(data.describe())
     return out
 
 
