@@ -67,7 +67,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["BaMInfo", "BaMState", "default_lr", "fisher_per_draw", "init", "match", "step"]
+__all__ = ["BaMInfo", "BaMState", "default_lr", "fisher_per_draw", "init", "mean_and_se", "match", "step"]
 
 
 class BaMState(NamedTuple):
@@ -187,6 +187,13 @@ def _score_match(zbar, gbar, dz, dg, diagonal):
     return zbar + new_cov @ gbar, new_cov
 
 
+def mean_and_se(per_draw: torch.Tensor) -> tuple[float, float]:
+    """The mean of per-draw values and its standard error (nan where there are too few draws)."""
+    n = per_draw.numel()
+    mean = float(per_draw.mean()) if n else float("nan")
+    return mean, float(per_draw.std() / math.sqrt(n)) if n > 1 else float("nan")
+
+
 def fisher_per_draw(state: BaMState, eps, scores) -> torch.Tensor:
     """``|u_b + L^T g_b|^2`` for draws ``z_b = mu + L u_b``: the covariance-weighted Fisher
     divergence ``E_q |grad log q - grad log p|^2_Sigma`` one draw at a time (AdvancedVI's
@@ -228,12 +235,7 @@ def step(state: BaMState, z, eps, log_p, scores, lr: float | None = None):
     if lr is None:
         lr = default_lr(B, D, t)
     elbo = float(log_p[finite].mean()) + _entropy(state) if n else float("nan")
-    if n >= 1:
-        per_draw = fisher_per_draw(state, eps[finite], scores[finite])
-        fisher = float(per_draw.mean())
-        fisher_se = float(per_draw.std() / math.sqrt(n)) if n > 1 else float("nan")
-    else:
-        fisher = fisher_se = float("nan")
+    fisher, fisher_se = mean_and_se(fisher_per_draw(state, eps[finite], scores[finite]))
     if n < 2 and not (B == 1 and n == 1):
         return None, BaMInfo(elbo, fisher, fisher_se, float("nan"), n, lr)
     try:

@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 import torch
 
-from pyro_elbo.vi.bam import BaMInfo, default_lr
+from pyro_elbo.vi.bam import BaMInfo, default_lr, mean_and_se
 
 __all__ = ["LowRankState", "fisher_per_draw", "init", "kl", "match", "patch", "sample", "step"]
 
@@ -191,12 +191,7 @@ def step(state: LowRankState, z, eps, log_p, scores, lr: float | None = None):
     entropy = 0.5 * D * (1 + math.log(2 * math.pi)) + 0.5 * float(_logdet(state.psi,
                                                                          state.factor))
     elbo = float(log_p[finite].mean()) + entropy if n else float("nan")
-    if n >= 1:
-        per_draw = fisher_per_draw(state, z[finite], scores[finite])
-        fisher = float(per_draw.mean())
-        fisher_se = float(per_draw.std() / math.sqrt(n)) if n > 1 else float("nan")
-    else:
-        fisher = fisher_se = float("nan")
+    fisher, fisher_se = mean_and_se(fisher_per_draw(state, z[finite], scores[finite]))
     if n < 2:
         return None, BaMInfo(elbo, fisher, fisher_se, float("nan"), n, lr)
     try:
