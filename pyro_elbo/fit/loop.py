@@ -572,7 +572,7 @@ def fit(
     method: str = "auto",
     method_options: dict | None = None,
     escalate: bool = True,
-    reparam=None,
+    reparam="auto",
     **kwargs,
 ) -> FitResult:
     """Fit ``guide`` to ``model`` by stochastic optimization of ``loss``; see the module doc.
@@ -636,7 +636,9 @@ def fit(
         ``result.stages`` says what ran and why).  ``False``: one Gaussian run.
     :param reparam: ``"noncentered"``: fit the model rewritten by
         :class:`pyro.infer.reparam.LocScaleReparam` on every latent location-scale site (the
-        cure for a funnel; ``result.model`` is the rewritten model); default ``None``.
+        cure for a funnel; ``result.model`` is the rewritten model); ``"auto"`` (default): the
+        escalating default does so when it finds a funnel (said in ``result.stages``); ``None``:
+        never.
     :returns: a :class:`FitResult`.
 
     Ctrl-C (SIGINT) ends the run after the current step: that state is checkpointed and
@@ -644,14 +646,15 @@ def fit(
     a checkpoint, the path is checked and locked before step 1 (:mod:`.location`); a failed
     write later keeps the previous checkpoint and the result carries ``checkpoint_error``.
     """
-    if check_reparam(reparam) is not None:
+    if check_reparam(reparam) == "noncentered":
         model, reparam = noncentered(model), None  # rewritten once, here
     if escalate and method == "auto" and guide is None and loss is None and optim is None \
             and data is None and checkpoint is None and num_steps is None:
         # the seed goes to the Gaussian stage: it is then the run fit(..., escalate=False) makes
         options = dict(progress=progress, convergence=convergence, seed=seed,
                        callbacks=callbacks, compile=compile, skip_nonfinite=skip_nonfinite,
-                       init=init, **({} if max_steps == 10_000 else {"max_steps": max_steps}))
+                       init=init, reparam=reparam,
+                       **({} if max_steps == 10_000 else {"max_steps": max_steps}))
         return escalating_fit(fit, model, args, kwargs, options)
     if method != "svi" and not (method == "auto" and guide is not None):  # pyro_elbo/vi/
         from pyro_elbo.vi.methods import dispatch
