@@ -10,10 +10,23 @@ Stages (each recorded in ``result.stages`` as a :class:`Stage`: what ran, why, k
    :func:`pyro_elbo.diagnostics.trust.diagnose`).  ``k-hat <`` :data:`ESCALATE_KHAT` (0.7):
    the Gaussian is close enough that its PSIS-resampled draws are reliable (Yao et al. 2018;
    Vehtari et al. 2024, sec. 3), and the run stops here.
+2b. **non-centering** (``reparam="auto"``, the default): when the Gaussian's k-hat is high and
+   its draws show a funnel (a location-scale site whose scale moves with other latents,
+   :func:`pyro_elbo.diagnostics.trust.funnel_sites`; this is also the case where the Laplace
+   stage finds no mode), the model is rewritten by :func:`noncentered` and the Gaussian stage
+   runs again on it (at most :data:`NONCENTERED_MAX_STEPS` steps); the rewritten model is kept
+   when its k-hat is lower, and is then ``result.model`` (the original sites are deterministic
+   sites of it, so ``to_inference_data`` still gives them).  ``reparam=None`` never rewrites.
+   **Fallbacks**: a Gaussian stage that raises is rerun as SGD from the prior's median (no
+   Laplace stage, no BaM); a flow stage that raises (non-finite) is rerun once with its step
+   :data:`FLOW_RETRY_FACTOR` times smaller; every attempt is a stage with its reason.
 3. **flow**: otherwise :class:`~pyro_elbo.guides.flow.AutoRealNVP` built on the Gaussian answer
    (it starts exactly there), trained with STL, :data:`~pyro_elbo.guides.flow.FLOW_PARTICLES`
-   particles and a fixed Adam step for :data:`FLOW_STEPS` steps (Agrawal, Sheldon & Domke 2020);
-   its k-hat is measured the same way and the guide with the lower k-hat is returned.
+   particles and a fixed Adam step (Agrawal, Sheldon & Domke 2020), at most
+   :data:`FLOW_MAX_STEPS` steps, stopped by :class:`~pyro_elbo.fit.plateau.LossPlateau` when
+   the loss has stopped falling at the resolution its noise allows and the flow's k-hat is below
+   :data:`FLOW_ACCEPT_KHAT`; the user's ``compile`` setting applies to its steps.  Its k-hat is
+   measured as the Gaussian's and the guide with the lower k-hat is returned.
 4. **draws**: ``result.resample`` is ``"psis"`` when the returned guide's k-hat is below
    ``min(1 - 1/log10 S, 0.7)``, and ``result.to_inference_data(*args)`` then importance-resamples
    the guide's draws by their Pareto-smoothed weights (Vehtari et al. 2024), which removes most
@@ -44,6 +57,7 @@ import torch
 
 __all__ = [
     "ESCALATE_KHAT",
+    "FLOW_ACCEPT_KHAT",
     "FLOW_MAX_STEPS",
     "FLOW_RETRY_FACTOR",
     "GAUSSIAN_MAX_STEPS",
@@ -68,7 +82,12 @@ GAUSSIAN_MAX_STEPS = 3000
 NONCENTERED_MAX_STEPS = 1000
 #: the most steps of the flow stage (a fixed small step, Agrawal et al. 2020), stopped sooner by
 #: :class:`~pyro_elbo.fit.plateau.LossPlateau` when the loss stops falling
-FLOW_MAX_STEPS = 3000
+FLOW_MAX_STEPS = 2000
+#: a plateau of the flow's loss ends the flow stage only when its k-hat is below this: PSIS
+#: estimates then have finite variance (Vehtari et al. 2024); between 0.5 and 0.7 the
+#: resampled draws still under-represent the tails (measured: a banana's sd at 0.85-0.91 of
+#: the truth with k-hat 0.68, its IQR right)
+FLOW_ACCEPT_KHAT = 0.5
 #: a flow stage that goes non-finite is run once more with its step divided by this
 FLOW_RETRY_FACTOR = 5
 #: the flow stage is skipped above this many latent dimensions (its cost grows as D^2)
@@ -173,13 +192,11 @@ def _flow_stage(fit, model, base_guide, args, kwargs, options, lr=None):
     settings = {k: v for k, v in options.items() if k in ("progress", "callbacks", "compile")}
     steps = options.get("flow_steps")
 
-    def good_enough():  # a plateau ends the stage only when the flow's PSIS draws are reliable
-        from pyro_elbo.diagnostics.psis import khat_threshold
-
-        k, limit = stage_khat(model, flow, args, kwargs), khat_threshold(KHAT_DRAWS)
-        if k <= limit:
-            return True, f"the flow's k-hat {k:.2f} <= {limit:.3f} (PSIS draws reliable)"
-        return False, f"the flow's k-hat {_k(k)} > {limit:.3f}: continuing"
+    def good_enough():  # a plateau ends the stage only when the flow's k-hat is good
+        k = stage_khat(model, flow, args, kwargs)
+        if k < FLOW_ACCEPT_KHAT:
+            return True, f"the flow's k-hat {k:.2f} < {FLOW_ACCEPT_KHAT}"
+        return False, f"the flow's k-hat {_k(k)} >= {FLOW_ACCEPT_KHAT}: continuing"
 
     length = ({"num_steps": steps} if steps is not None else
               {"max_steps": FLOW_MAX_STEPS, "convergence": LossPlateau(accept=good_enough)})
