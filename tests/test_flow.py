@@ -493,7 +493,7 @@ def test_the_flow_stage_stops_on_its_rule_and_gets_the_bananas_exact_moments():
     from pyro_elbo.fit.escalate import FLOW_MAX_STEPS
 
     pyro.clear_param_store()
-    result = fit(banana, None, max_steps=1000, progress=False, seed=0)
+    result = fit(banana, None, max_steps=500, progress=False, seed=0)
     flow = result.stages[-1]
     assert [s.name for s in result.stages] == ["gaussian", "flow"]
     assert flow.converged and flow.num_steps < FLOW_MAX_STEPS
