@@ -312,8 +312,10 @@ def escalating_fit(fit, model, args, kwargs, options):
                                            "gaussian (non-centered)")
             if again is not None and _lower(k_again, k):
                 best, best_k, model = again, k_again, rewritten
+                _set_aside(gaussian.guide, None)  # the param store keeps the returned guide's
             elif again is not None:
                 stages[-1].reason = "not kept: k-hat no lower than the centered model's"
+                _set_aside(again.guide, None)
         elif sites:
             note = (f"; a funnel at {sites} (their scale moves with other latents): "
                     "fit(..., reparam='noncentered') is the cure")
