@@ -25,7 +25,10 @@ Stages (each recorded in ``result.stages`` as a :class:`Stage`: what ran, why, k
    particles and a fixed Adam step (Agrawal, Sheldon & Domke 2020), at most
    :data:`FLOW_MAX_STEPS` steps, stopped by :class:`~pyro_elbo.fit.plateau.LossPlateau` when
    the loss has stopped falling at the resolution its noise allows and the flow's k-hat is below
-   :data:`FLOW_ACCEPT_KHAT`; the user's ``compile`` setting applies to its steps.  Its k-hat is
+   :data:`FLOW_ACCEPT_KHAT`; a plateau refused for its k-hat halves the step (a fixed step
+   leaves the flow jittering around its optimum; measured on the banana and the latent GP, the
+   loss falls again after each halving and k-hat comes down); the user's ``compile`` setting
+   applies to its steps.  Its k-hat is
    measured as the Gaussian's and the guide with the lower k-hat is returned.
 4. **draws**: ``result.resample`` is ``"psis"`` when the returned guide's k-hat is below
    ``min(1 - 1/log10 S, 0.7)``, and ``result.to_inference_data(*args)`` then importance-resamples
@@ -192,17 +195,28 @@ def _flow_stage(fit, model, base_guide, args, kwargs, options, lr=None):
     settings = {k: v for k, v in options.items() if k in ("progress", "callbacks", "compile")}
     steps = options.get("flow_steps")
 
+    refused = []  # steps at which a plateau was refused: the step is halved after each
+
     def good_enough():  # a plateau ends the stage only when the flow's k-hat is good
         k = stage_khat(model, flow, args, kwargs)
         if k < FLOW_ACCEPT_KHAT:
             return True, f"the flow's k-hat {k:.2f} < {FLOW_ACCEPT_KHAT}"
-        return False, f"the flow's k-hat {_k(k)} >= {FLOW_ACCEPT_KHAT}: continuing"
+        refused.append(True)
+        return False, (f"the flow's k-hat {_k(k)} >= {FLOW_ACCEPT_KHAT}: continuing with the "
+                       "step halved")
+
+    def halve_step(state):  # after a refused plateau: less jitter, a finer fit of the tails
+        if refused:
+            refused.clear()
+            for group in state.optimizer.param_groups:
+                group["lr"] *= 0.5
 
     length = ({"num_steps": steps} if steps is not None else
               {"max_steps": FLOW_MAX_STEPS, "convergence": LossPlateau(accept=good_enough)})
+    callbacks = (*(settings.pop("callbacks", None) or ()), halve_step)
     return fit(model, flow, *args, loss=flow_objective(), optim=flow_optimizer(lr), init=None,
-               escalate=False, skip_nonfinite=FLOW_MAX_STEPS // 10, **length, **settings,
-               **kwargs)
+               escalate=False, skip_nonfinite=FLOW_MAX_STEPS // 10, callbacks=callbacks,
+               **length, **settings, **kwargs)
 
 
 def _set_aside(guide, prefix: str | None):
