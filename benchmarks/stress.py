@@ -1066,6 +1066,34 @@ def markdown(results: dict) -> str:
                     f"| {name} | | best+PSIS | {_fmt(p['max_mean_error'])} | "
                     f"{_fmt(p['median_sd_ratio'])} [{_fmt(p['min_sd_ratio'])}-"
                     f"{_fmt(p['max_sd_ratio'])}] | {_iqr(p)} | - | {_fmt(p['khat'])} | |")
+    if "funnel" in results:
+        lines += ["", "## The funnel's x_i scale: what a finite sample can show", "",
+                  "sd and IQR of x_i over the exact ones (e^(9/4) = 9.49 and 1.148), median "
+                  "over the 9 coordinates (5-95% over repeats or coordinates).", "",
+                  "| draws | x_i sd ratio | x_i IQR ratio | notes |", "|---|---|---|---|"]
+        f = results["funnel"]
+        ex = f["exact_draws"]
+
+        def span(d):
+            return f"{d['median']:.2f} ({d['p5']:.2f}-{d['p95']:.2f})"
+
+        lines.append(f"| {ex['num_draws']} exact i.i.d. draws, {ex['repeats']} repeats | "
+                     f"{span(ex['median_sd_ratio'])} | {span(ex['median_iqr_ratio'])} | |")
+        n = f["nuts"]
+        lines.append(f"| NUTS (funnel as written, 1000 + 4000) | {span(n['x_sd_ratio'])} | "
+                     f"{span(n['x_iqr_ratio'])} | {n['seconds']} s, {n['divergences']} div., "
+                     f"v: mean err {n['v_mean_error']:.3f} sd, sd ratio {n['v_sd_ratio']:.2f} |")
+        for label in ("fit", "fit_flow"):
+            if label not in f:
+                continue
+            for key in ("raw", "psis_4000", "psis_40000"):
+                r = f[label][key]
+                sd = r["sites"]["x"]
+                lines.append(
+                    f"| {label} {key} | {_fmt(r['median_sd_ratio'])} ({_fmt(sd['min_sd_ratio'])}"
+                    f"-{_fmt(sd['max_sd_ratio'])}) | {_fmt(r['median_iqr_ratio'])} "
+                    f"({_fmt(sd['min_iqr_ratio'])}-{_fmt(sd['max_iqr_ratio'])}) | k-hat "
+                    f"{_fmt(r.get('khat'))}; {', '.join(f[label]['stages'])} |")
     if "conditioning" in results:
         lines += ["", "## Conditioning: which optimizer after the Laplace stage", "",
                   "AutoMultivariateNormal, Laplace init, STL ELBO (4 particles) unless noted. "
