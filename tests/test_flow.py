@@ -341,15 +341,15 @@ def _v_and_x_draws(result, num_draws=4000):
 
 def test_a_funnel_with_no_mode_is_non_centered_by_default_and_comes_out_exact():
     """Neal's funnel in 10 dimensions has no mode (the density grows without bound as v -> -inf
-    at x = 0), and no Gaussian holds it.  The default path finds the funnel at x and
-    non-centers it; the rewritten model (v ~ N(0, 3), x_decentered ~ N(0, I)) is Gaussian, so
-    the Gaussian stage is exact: v's mean and sd within 5 SE of 0 and 3, and x's IQR (exact by
-    quadrature: 1.148) within 5 SE.  The Gaussian on the model as written is far off."""
+    at x = 0), and no Gaussian holds it.  The default path's mode check finds no mode and a
+    latent scale at x, and non-centers it before fitting; the rewritten model (v ~ N(0, 3),
+    x_decentered ~ N(0, I)) is Gaussian, so the Gaussian stage is exact: v's mean and sd within
+    5 SE of 0 and 3, and x's IQR (exact by quadrature: 1.148) within 5 SE."""
     pyro.clear_param_store()
     result = fit(funnel10, None, max_steps=500, progress=False, seed=0)
     names = [s.name for s in result.stages]
-    assert names == ["gaussian", "gaussian (non-centered)"]
-    assert "funnel at ['x']" in result.stages[0].reason
+    assert names == ["mode check", "gaussian (non-centered)"]
+    assert "no mode" in result.stages[0].reason and "['x']" in result.stages[0].reason
     assert "non-centering" in result.stages[0].reason
     assert result.stages[1].khat < 0.7 and "holds the posterior" in result.stages[1].reason
     assert result.model is not funnel10 and result.resample == "psis"
@@ -359,8 +359,22 @@ def test_a_funnel_with_no_mode_is_non_centered_by_default_and_comes_out_exact():
     # SE of a sample quartile: sqrt(p (1 - p) / n) / f(q) with the marginal density f(0.574) =
     # 0.193 (quadrature over v); the IQR's SE is at most sqrt(2) times that: 0.050
     assert abs(float(iqr) - 1.148) < 5 * 0.050
-    # the centered Gaussian stage (what the default returned before) misses v's scale
-    assert result.stages[0].khat > 0.7
+
+
+def test_the_mode_check_names_latent_scales_and_needs_no_mode():
+    """Centered eight schools: theta's scale tau is latent (it differs between prior draws) and
+    L-BFGS finds no mode (it runs down the funnel), so the check returns theta; the
+    non-centered model has no latent scale, so it returns None without running L-BFGS."""
+    from pyro_elbo.fit.noncentering import funnel_without_mode, scale_sites
+
+    model, args = schools(centered=True)
+    assert scale_sites(model, args, {}) == ["theta"]
+    found = funnel_without_mode(model, args, {})
+    assert found is not None and found[0] == ["theta"]
+    assert found[1].selected == "path" and not found[1].converged
+    model_nc, _ = schools(centered=False)
+    assert scale_sites(model_nc, args, {}) == []
+    assert funnel_without_mode(model_nc, args, {}) is None
 
 
 def test_the_gaussian_stage_falls_back_to_sgd_from_the_prior_when_it_raises(monkeypatch):
