@@ -10,13 +10,16 @@ Stages (each recorded in ``result.stages`` as a :class:`Stage`: what ran, why, k
    :func:`pyro_elbo.diagnostics.trust.diagnose`).  ``k-hat <`` :data:`ESCALATE_KHAT` (0.7):
    the Gaussian is close enough that its PSIS-resampled draws are reliable (Yao et al. 2018;
    Vehtari et al. 2024, sec. 3), and the run stops here.
-2b. **non-centering** (``reparam="auto"``, the default): when the Gaussian's k-hat is high and
-   its draws show a funnel (a location-scale site whose scale moves with other latents,
-   :func:`pyro_elbo.diagnostics.trust.funnel_sites`; this is also the case where the Laplace
-   stage finds no mode), the model is rewritten by :func:`noncentered` and the Gaussian stage
-   runs again on it (at most :data:`NONCENTERED_MAX_STEPS` steps); the rewritten model is kept
-   when its k-hat is lower, and is then ``result.model`` (the original sites are deterministic
-   sites of it, so ``to_inference_data`` still gives them).  ``reparam=None`` never rewrites.
+2b. **non-centering** (``reparam="auto"``, the default), at two points.  Before stage 1, the
+   mode check (:func:`~pyro_elbo.fit.noncentering.funnel_without_mode`): latent location-scale
+   sites whose scale is itself latent, and an L-BFGS that finds no mode (it runs down the
+   funnel) -> the model is rewritten by :func:`noncentered` and stage 1 runs on it.  After stage
+   1, when the Gaussian's k-hat is high and its draws show a funnel
+   (:func:`pyro_elbo.diagnostics.trust.funnel_sites`), the model is rewritten and the Gaussian
+   stage runs again on it, and the rewrite is kept when its k-hat is lower.  A Gaussian stage on
+   a rewritten model runs at most :data:`NONCENTERED_MAX_STEPS` steps.  The rewritten model is
+   then ``result.model`` (the original sites are deterministic sites of it, so
+   ``to_inference_data`` still gives them).  ``reparam=None`` never rewrites.
    **Fallbacks**: a Gaussian stage that raises is rerun as SGD from the prior's median (no
    Laplace stage, no BaM); a flow stage that raises (non-finite) is rerun once with its step
    :data:`FLOW_RETRY_FACTOR` times smaller; every attempt is a stage with its reason.
