@@ -171,7 +171,7 @@ def _flow_stage(fit, model, base_guide, args, kwargs, options, lr=None):
     settings = {k: v for k, v in options.items() if k in ("progress", "callbacks", "compile")}
     steps = options.get("flow_steps")
 
-    refused = []  # steps at which a plateau was refused: the step is halved after each
+    refused = []  # set when a plateau was refused for its k-hat: the next step is halved
 
     def good_enough():  # a plateau ends the stage only when the flow's k-hat is good
         k = stage_khat(model, flow, args, kwargs)
@@ -314,7 +314,7 @@ def escalating_fit(fit, model, args, kwargs, options):
             again, k_again = _run_gaussian(fit, rewritten, args, kwargs, shorter, stages,
                                            "gaussian (non-centered)")
             if again is not None and _lower(k_again, k):
-                best, best_k, model = again, k_again, rewritten
+                best, best_k, model, first = again, k_again, rewritten, again
                 _set_aside(gaussian.guide, None)  # the param store keeps the returned guide's
             elif again is not None:
                 stages[-1].reason = "not kept: k-hat no lower than the centered model's"
@@ -342,7 +342,7 @@ def escalating_fit(fit, model, args, kwargs, options):
         else:
             _say(stages[-1], "the Gaussian is returned")
     resample = "psis" if best_k <= khat_threshold(KHAT_DRAWS) else None
-    # init: the Laplace stage the pipeline started from (the flow stage starts from the Gaussian)
+    # init: the Laplace stage of the Gaussian kept (the flow stage starts from that Gaussian)
     # model: the one the returned guide was fitted to (non-centered when the escalation did so;
     # set here as well, since not every Gaussian method fills it in)
     return dataclasses.replace(best, seconds=time.perf_counter() - started, stages=stages,
