@@ -13,6 +13,7 @@ from pyro.infer.autoguide import AutoMultivariateNormal
 
 from pyro_elbo.diagnostics.arviz import to_dict
 from pyro_elbo.diagnostics.trust import diagnose
+from pyro_elbo.engine.traces import forked_rng
 from pyro_elbo.fit import fit
 from pyro_elbo.guides.flow import (
     AutoRealNVP,
@@ -177,7 +178,7 @@ def test_flow_fit_gets_the_funnels_log_scale_marginal_and_the_gaussian_does_not(
                progress=False, seed=0, init=None, skip_nonfinite=100)
     draws = {}
     for name, result in (("gaussian", gaussian), ("flow", flow)):
-        with torch.random.fork_rng():
+        with forked_rng():
             torch.manual_seed(7)
             draws[name] = posterior_of(result.guide, joint=True).sample((num_draws,))["v"]
     assert _within_5_se(draws["flow"], 0.0, 3.0), (draws["flow"].mean(), draws["flow"].std())
@@ -332,7 +333,7 @@ def _v_and_x_draws(result, num_draws=4000):
     deterministic site there when the escalation non-centered it)."""
     from pyro.infer.importance import vectorized_importance_weights
 
-    with torch.random.fork_rng():
+    with forked_rng():
         torch.manual_seed(11)
         _, trace, _ = vectorized_importance_weights(result.model, result.guide,
                                                     num_samples=num_draws, max_plate_nesting=1)
