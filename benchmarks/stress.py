@@ -60,6 +60,7 @@ from pyro.distributions.transforms import OrderedTransform
 from pyro.infer import MCMC, NUTS
 
 from pyro_elbo.conjugate import LinearRegression
+from pyro_elbo.engine.traces import forked_rng
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -256,11 +257,39 @@ def funnel_model():
     pyro.sample("x", dist.Normal(0.0, scale).expand(v.shape + (FUNNEL_DIM - 1,)).to_event(1))
 
 
+NORMAL_IQR = 2 * 0.6744897501960817  # the IQR of N(0, 1)
+
+
+def _normal_mixture_iqr(loc, scale):
+    """The IQR of ``E_u[N(loc(u), scale(u))]``, u ~ N(0, 1), by 200-node Gauss-Hermite
+    quadrature over u and bisection on the CDF (exact to about 1e-9)."""
+    import numpy as np
+    from scipy.special import ndtr
+
+    nodes, weights = np.polynomial.hermite_e.hermegauss(200)
+    weights = weights / weights.sum()
+
+    def quantile(q):
+        lo, hi = -1e6, 1e6
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            cdf = float(weights @ ndtr((mid - loc(nodes)) / scale(nodes)))
+            lo, hi = (mid, hi) if cdf < q else (lo, mid)
+        return 0.5 * (lo + hi)
+
+    return quantile(0.75) - quantile(0.25)
+
+
 def funnel() -> Case:
-    # exact marginals: v ~ N(0, 3); x_i has mean 0 and variance E[exp(v)] = exp(9 / 2)
+    # exact marginals: v ~ N(0, 3); x_i has mean 0 and variance E[exp(v)] = exp(9 / 2); its IQR
+    # by quadrature over v (x_i | v ~ N(0, exp(v / 2)))
+    import numpy as np
+
     sd_x = math.exp(9 / 4)
-    reference = {"v": {"mean": [0.0], "sd": [3.0]},
-                 "x": {"mean": [0.0] * (FUNNEL_DIM - 1), "sd": [sd_x] * (FUNNEL_DIM - 1)}}
+    iqr_x = _normal_mixture_iqr(lambda u: 0 * u, lambda u: np.exp(3 * u / 2))
+    reference = {"v": {"mean": [0.0], "sd": [3.0], "iqr": [3.0 * NORMAL_IQR]},
+                 "x": {"mean": [0.0] * (FUNNEL_DIM - 1), "sd": [sd_x] * (FUNNEL_DIM - 1),
+                       "iqr": [iqr_x] * (FUNNEL_DIM - 1)}}
     return Case("funnel", funnel_model, (), "Neal's funnel, D=10 (exact marginals)",
                 reference=reference, reference_info={"method": "exact marginals"})
 
@@ -277,7 +306,10 @@ def banana_model():
 
 def banana() -> Case:
     sd2 = math.sqrt(1 + 2 * BANANA_BEND**2 * BANANA_SCALE**4)
-    reference = {"x1": {"mean": [0.0], "sd": [BANANA_SCALE]}, "x2": {"mean": [0.0], "sd": [sd2]}}
+    iqr2 = _normal_mixture_iqr(lambda u: BANANA_BEND * BANANA_SCALE**2 * (u**2 - 1),
+                               lambda u: 1.0 + 0 * u)
+    reference = {"x1": {"mean": [0.0], "sd": [BANANA_SCALE], "iqr": [BANANA_SCALE * NORMAL_IQR]},
+                 "x2": {"mean": [0.0], "sd": [sd2], "iqr": [iqr2]}}
     return Case("banana", banana_model, (), f"x1 ~ N(0, {BANANA_SCALE}), x2 | x1 ~ "
                 f"N({BANANA_BEND} (x1^2 - {BANANA_SCALE ** 2:g}), 1) (exact moments)",
                 reference=reference, reference_info={"method": "exact moments"})
@@ -413,7 +445,8 @@ def nuts_reference(case: Case, seed: int = 0) -> None:
 def exact_reference(case: Case) -> None:
     post = case.oracle.posterior()
     case.reference = {
-        case.oracle.latent: {"mean": post.mean.tolist(), "sd": post.stddev.tolist()}
+        case.oracle.latent: {"mean": post.mean.tolist(), "sd": post.stddev.tolist(),
+                             "iqr": (NORMAL_IQR * post.stddev).tolist()}
     }
     cov = post.covariance_matrix
     sd = cov.diagonal().sqrt()
@@ -460,15 +493,17 @@ def _as_mvn(q):
     return torch.distributions.MultivariateNormal(q.mean, covariance_matrix=cov)
 
 
-def _importance(case: Case, guide, num_draws: int, seed: int):
-    """(log weights p(x, z) / q(z), model trace) for ``num_draws`` vectorized guide draws."""
+def _importance(case: Case, guide, num_draws: int, seed: int, model=None):
+    """(log weights p(x, z) / q(z), model trace) for ``num_draws`` vectorized guide draws;
+    ``model``: the model the guide was fitted to when not ``case.model`` (a non-centered
+    rewrite, whose trace still holds the original sites as deterministic ones)."""
     from pyro.infer.importance import vectorized_importance_weights
 
-    with torch.random.fork_rng(), warnings.catch_warnings():
+    with forked_rng(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(seed)
         log_w, model_trace, _ = vectorized_importance_weights(
-            case.model, guide, *case.args, num_samples=num_draws, max_plate_nesting=1)
+            model or case.model, guide, *case.args, num_samples=num_draws, max_plate_nesting=1)
     return log_w.detach().double(), model_trace
 
 
@@ -486,43 +521,66 @@ def _psis(log_w):
     return weights / weights.sum(), float(k)
 
 
-def khat(case: Case, guide, num_particles: int = 2000) -> float:
+def khat(case: Case, guide, num_particles: int = 2000, model=None) -> float:
     """PSIS k-hat of the guide's importance weights p(x, z) / q(z) (Yao et al. 2018)."""
-    return _psis(_importance(case, guide, num_particles, 777)[0])[1]
+    return _psis(_importance(case, guide, num_particles, 777, model)[0])[1]
 
 
-def score(case: Case, guide, num_draws: int = 4000, with_khat: bool = True) -> dict:
-    """max |mean error| / ref sd, median sd / ref sd over scalar latents; KL when exact."""
-    from pyro_elbo.guides.posterior import posterior_of
+def _weighted_quantile(flat, weights, q):
+    """Quantile ``q`` of each column of ``flat`` under normalized ``weights`` (the first draw
+    whose cumulative weight reaches q)."""
+    order = flat.argsort(0)
+    cum = weights[order].cumsum(0)
+    index = (cum < q).sum(0).clamp(max=len(weights) - 1)
+    return flat.gather(0, order.gather(0, index[None]))[0]
 
-    joint = posterior_of(guide, *case.args, joint=True)
-    with torch.random.fork_rng():
-        torch.manual_seed(12345)
-        draws = joint.sample((num_draws,))
-    errors, ratios, sites = [], [], {}
+
+def _moments(case: Case, trace, num_draws: int, weights=None) -> dict:
+    """Scores of the (weighted) draws in a model trace against ``case.reference``: max |mean
+    error| / sd, sd ratios and, where the reference gives the exact IQR, IQR ratios."""
+    if weights is None:
+        weights = torch.full((num_draws,), 1 / num_draws, dtype=torch.float64)
+    errors, ratios, iqr_ratios, sites = [], [], [], {}
     for name, ref in case.reference.items():
-        flat = draws[name].detach().double().reshape(num_draws, -1)
+        flat = trace.nodes[name]["value"].detach().double().reshape(num_draws, -1)
+        mean = (weights[:, None] * flat).sum(0)
+        sd = ((weights[:, None] * (flat - mean).pow(2)).sum(0)).sqrt()
         ref_mean = torch.tensor(ref["mean"], dtype=torch.float64)
         ref_sd = torch.tensor(ref["sd"], dtype=torch.float64)
-        site_errors = ((flat.mean(0) - ref_mean).abs() / ref_sd).tolist()
-        site_ratios = (flat.std(0) / ref_sd).tolist()
+        site_errors = ((mean - ref_mean).abs() / ref_sd).tolist()
+        site_ratios = (sd / ref_sd).tolist()
         sites[name] = {"max_mean_error": max(site_errors), "min_sd_ratio": min(site_ratios),
                        "max_sd_ratio": max(site_ratios)}
+        if "iqr" in ref:
+            iqr = (_weighted_quantile(flat, weights, 0.75)
+                   - _weighted_quantile(flat, weights, 0.25))
+            site_iqr = (iqr / torch.tensor(ref["iqr"], dtype=torch.float64)).tolist()
+            sites[name].update(min_iqr_ratio=min(site_iqr), max_iqr_ratio=max(site_iqr))
+            iqr_ratios += site_iqr
         errors += site_errors
         ratios += site_ratios
-    out = {
-        "max_mean_error": max(errors),
-        "median_sd_ratio": statistics.median(ratios),
-        "min_sd_ratio": min(ratios),
-        "max_sd_ratio": max(ratios),
-        "sites": sites,
-    }
+    out = {"max_mean_error": max(errors), "median_sd_ratio": statistics.median(ratios),
+           "min_sd_ratio": min(ratios), "max_sd_ratio": max(ratios), "sites": sites}
+    if iqr_ratios:
+        out.update(median_iqr_ratio=statistics.median(iqr_ratios),
+                   min_iqr_ratio=min(iqr_ratios), max_iqr_ratio=max(iqr_ratios))
+    return out
+
+
+def score(case: Case, guide, num_draws: int = 4000, with_khat: bool = True,
+          model=None) -> dict:
+    """max |mean error| / ref sd, median sd / ref sd (and IQR ratios where the reference has
+    exact IQRs) over scalar latents, from ``num_draws`` guide draws; KL when exact."""
+    from pyro_elbo.guides.posterior import posterior_of
+
+    _, trace = _importance(case, guide, num_draws, 12345, model)
+    out = _moments(case, trace, num_draws)
     if case.oracle is not None:
         q = _as_mvn(posterior_of(guide, *case.args))
         p = case.oracle.posterior()
         out["kl"] = float(torch.distributions.kl_divergence(q, p))
     if with_khat:
-        out["khat"] = khat(case, guide)
+        out["khat"] = khat(case, guide, model=model)
     return out
 
 
@@ -590,6 +648,7 @@ def fit_defaults(case: Case):
 
     pyro.clear_param_store()
     result = fit(case.model, None, *case.args, seed=0, progress=False)
+    rewritten = result.model if result.model is not case.model else None
     return result.guide, {
         "guide": type(result.guide).__name__,
         "laplace": result.init.message,
@@ -600,7 +659,7 @@ def fit_defaults(case: Case):
         "stages": [{"name": st.name, "guide": st.guide, "reason": st.reason,
                     "khat": st.khat, "seconds": round(st.seconds, 1),
                     "steps": st.num_steps} for st in result.stages],
-    }
+    }, rewritten
 
 
 # ------------------------------------------------------------ experiment: the conditioning
@@ -787,28 +846,91 @@ def guide_experiment(dims=(10, 50, 100, 200, 400), num_steps: int = 100) -> dict
 # ---------------------------------------------------------------------- PSIS-reweighted draws
 
 
-def psis_score(case: Case, guide, num_draws: int = 4000) -> dict:
+def psis_score(case: Case, guide, num_draws: int = 4000, model=None, seed: int = 54321) -> dict:
     """The same scores from guide draws reweighted by Pareto-smoothed importance sampling
     (Vehtari et al. 2015; Agrawal et al. 2020's importance-weighted sampling): self-normalized
     weights ``p(x, z) / q(z)``, smoothed by ``arviz.psislw``."""
-    log_w, model_trace = _importance(case, guide, num_draws, 54321)
+    log_w, model_trace = _importance(case, guide, num_draws, seed, model)
     weights, k = _psis(log_w)
-    errors, ratios, sites = [], [], {}
-    for name, ref in case.reference.items():
-        flat = model_trace.nodes[name]["value"].detach().double().reshape(num_draws, -1)
-        mean = (weights[:, None] * flat).sum(0)
-        sd = ((weights[:, None] * (flat - mean).pow(2)).sum(0)).sqrt()
-        ref_mean = torch.tensor(ref["mean"], dtype=torch.float64)
-        ref_sd = torch.tensor(ref["sd"], dtype=torch.float64)
-        site_errors = ((mean - ref_mean).abs() / ref_sd).tolist()
-        site_ratios = (sd / ref_sd).tolist()
-        sites[name] = {"max_mean_error": max(site_errors), "min_sd_ratio": min(site_ratios),
-                       "max_sd_ratio": max(site_ratios)}
-        errors += site_errors
-        ratios += site_ratios
-    return {"max_mean_error": max(errors), "median_sd_ratio": statistics.median(ratios),
-            "min_sd_ratio": min(ratios), "max_sd_ratio": max(ratios), "khat": k,
-            "sites": sites}
+    return {**_moments(case, model_trace, num_draws, weights), "khat": k}
+
+
+# ------------------------------------------------------- experiment: the funnel's x_i scale
+
+
+def funnel_experiment(num_draws: int = 4000, repeats: int = 200, seed: int = 0) -> dict:
+    """Can any finite sample show the funnel's sd(x_i) = e^(9/4)?  Three answers, with the IQR
+    ratio (exact IQR by quadrature) beside each sd ratio:
+
+    * **exact draws**: ``repeats`` sets of ``num_draws`` i.i.d. draws from the funnel itself
+      (v ~ N(0, 3), x | v ~ N(0, e^(v/2))): the spread of their sd ratios;
+    * **NUTS** on the funnel as written (centered; Pyro's NUTS, 1000 warm-up, ``num_draws``
+      draws, target acceptance 0.9): its sd and IQR ratios, divergences, seconds;
+    * **fit** (the escalating default, which non-centers the funnel) and **fit_flow**
+      (``reparam=None``: the flow on the funnel as written), raw and PSIS-resampled from 4000
+      and from 40,000 draws."""
+    import numpy as np
+
+    case = funnel()
+    ref = case.reference
+    rng = np.random.default_rng(seed)
+    out = {}
+    ratios, iqr_ratios = [], []
+    for _ in range(repeats):
+        v = 3.0 * rng.standard_normal(num_draws)
+        x = np.exp(v / 2)[:, None] * rng.standard_normal((num_draws, FUNNEL_DIM - 1))
+        ratios.append(np.median(x.std(0) / ref["x"]["sd"][0]))
+        q75, q25 = np.percentile(x, [75, 25], axis=0)
+        iqr_ratios.append(np.median((q75 - q25) / ref["x"]["iqr"][0]))
+
+    def spread(values):
+        p5, p50, p95 = np.percentile(values, [5, 50, 95])
+        return {"median": float(p50), "p5": float(p5), "p95": float(p95)}
+
+    out["exact_draws"] = {"num_draws": num_draws, "repeats": repeats,
+                          "median_sd_ratio": spread(ratios),
+                          "median_iqr_ratio": spread(iqr_ratios)}
+    print(f"  exact draws: sd ratio {out['exact_draws']['median_sd_ratio']}, IQR ratio "
+          f"{out['exact_draws']['median_iqr_ratio']}", flush=True)
+    pyro.set_rng_seed(seed)
+    kernel = NUTS(funnel_model, target_accept_prob=0.9)
+    mcmc = MCMC(kernel, num_samples=num_draws, warmup_steps=1000, disable_progbar=True)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mcmc.run()
+    draws = mcmc.get_samples()
+    x = draws["x"].double().numpy()
+    q75, q25 = np.percentile(x, [75, 25], axis=0)
+    out["nuts"] = {
+        "seconds": round(time.perf_counter() - start, 1),
+        "divergences": sum(len(d) for d in mcmc.diagnostics()["divergences"].values()),
+        "v_mean_error": float(draws["v"].double().mean()) / 3.0,
+        "v_sd_ratio": float(draws["v"].double().std()) / 3.0,
+        "x_sd_ratio": spread(x.std(0) / ref["x"]["sd"][0]),
+        "x_iqr_ratio": spread((q75 - q25) / ref["x"]["iqr"][0]),
+    }
+    print(f"  NUTS: {out['nuts']}", flush=True)
+    from pyro_elbo.fit import fit
+
+    for label, reparam in (("fit", "auto"), ("fit_flow", None)):  # the default; the flow path
+        pyro.clear_param_store()
+        start = time.perf_counter()
+        result = fit(case.model, None, seed=0, progress=False, reparam=reparam)
+        model = result.model if result.model is not case.model else None
+        out[label] = {"seconds": round(time.perf_counter() - start, 1),
+                      "stages": [f"{st.name} (k-hat {st.khat:.2f}, {st.num_steps} steps)"
+                                 for st in result.stages],
+                      "raw": score(case, result.guide, model=model)}
+        for n in (4000, 40000):
+            out[label][f"psis_{n}"] = psis_score(case, result.guide, num_draws=n, model=model)
+        for key in ("raw", "psis_4000", "psis_40000"):
+            r = out[label][key]
+            print(f"  {label} {key}: err {r['max_mean_error']:.3f} sd {r['min_sd_ratio']:.2f}-"
+                  f"{r['max_sd_ratio']:.2f} (median {r['median_sd_ratio']:.2f}) IQR "
+                  f"{r['min_iqr_ratio']:.2f}-{r['max_iqr_ratio']:.2f} k-hat "
+                  f"{r.get('khat', float('nan')):.2f}", flush=True)
+    return out
 
 
 # -------------------------------------------------------------------------------- the suite
@@ -822,6 +944,7 @@ def run_case(case: Case, settings=SETTINGS, quick: bool = False) -> dict:
     scale = 0.2 if quick else 1.0
     rows = {}
     for setting in settings:
+        model = None  # the model the guide was fitted to, when fit rewrote it
         pyro.set_rng_seed(0)
         start = time.perf_counter()
         if setting == "pyro_mf":
@@ -829,7 +952,7 @@ def run_case(case: Case, settings=SETTINGS, quick: bool = False) -> dict:
         elif setting == "pyro_mvn":
             guide, info = pyro_defaults(case, AutoMultivariateNormal, int(PYRO_STEPS * scale))
         elif setting == "fit":
-            guide, info = fit_defaults(case)
+            guide, info, model = fit_defaults(case)
         elif setting == "ours":
             guide, info = pipeline(case, num_steps=int(OURS_STEPS * scale))
         else:
@@ -838,7 +961,7 @@ def run_case(case: Case, settings=SETTINGS, quick: bool = False) -> dict:
                                    average_last=BEST["average_last"])
         info["seconds"] = round(time.perf_counter() - start, 1)
         try:
-            row = {**info, **score(case, guide)}
+            row = {**info, **score(case, guide, model=model)}
         except (ValueError, RuntimeError) as error:  # e.g. a NaN guide: no Gaussian to score
             first = str(error).splitlines()[0][:120]
             row = {**info, "max_mean_error": float("nan"), "median_sd_ratio": float("nan"),
@@ -849,8 +972,9 @@ def run_case(case: Case, settings=SETTINGS, quick: bool = False) -> dict:
         if setting == "fit" and info.get("resample") == "psis":
             # what fit's user gets: the draws PSIS-resampled (result.to_inference_data)
             row["raw"] = {k: row[k] for k in ("max_mean_error", "median_sd_ratio",
-                                              "min_sd_ratio", "max_sd_ratio")}
-            psis = psis_score(case, guide)
+                                              "min_sd_ratio", "max_sd_ratio", "median_iqr_ratio",
+                                              "min_iqr_ratio", "max_iqr_ratio") if k in row}
+            psis = psis_score(case, guide, model=model)
             row["raw"]["sites"] = row.get("sites")
             row.update({k: psis[k] for k in (*row["raw"], "sites") if k in psis})
         rows[setting] = row
@@ -885,6 +1009,14 @@ def _label(setting, row):
     return f"fit ({names}{', PSIS draws' if row.get('resample') == 'psis' else ''})"
 
 
+def _iqr(row):
+    """IQR / exact IQR, median [min-max] (only where the reference has exact IQRs)."""
+    if row.get("median_iqr_ratio") is None:
+        return "-"
+    return (f"{_fmt(row['median_iqr_ratio'])} [{_fmt(row['min_iqr_ratio'])}-"
+            f"{_fmt(row['max_iqr_ratio'])}]")
+
+
 def markdown(results: dict) -> str:
     lines = ["# Stress suite: badly scaled, strongly correlated posteriors", ""]
     meta = results.get("meta", {})
@@ -895,7 +1027,9 @@ def markdown(results: dict) -> str:
     lines += [
         "Per case and setting: **err** = max over scalar latents of |mean error| / reference "
         "sd; **sd** = median of sd / reference sd (min-max in brackets); **KL** = KL(q || p) "
-        "(exact cases); **k-hat** = PSIS k-hat of the fitted guide. Settings: **pyro_mf** / "
+        "(exact cases); **IQR** = interquartile range / exact IQR, median [min-max], where the "
+        "reference has exact quantiles (a robust scale: the funnel's x_i sd is set by rare "
+        "draws); **k-hat** = PSIS k-hat of the fitted guide. Settings: **pyro_mf** / "
         f"**pyro_mvn** = Pyro's defaults (AutoNormal / AutoMultivariateNormal, init_scale=0.1, "
         f"Adam lr 0.01, {PYRO_STEPS} steps, Trace_ELBO); **fit** = `pyro_elbo.fit(model, None, "
         "*args)` with every default, stopped by its convergence rule; **ours** = the same "
@@ -905,8 +1039,8 @@ def markdown(results: dict) -> str:
         f"particles, {BEST['num_steps']} steps and iterate averaging over the last half; "
         "**best+PSIS** = best's draws reweighted by PSIS (only where k-hat < 0.7).",
         "",
-        "| case | reference | setting | err | sd | KL | k-hat | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | reference | setting | err | sd | IQR | KL | k-hat | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, case in results.get("cases", {}).items():
         ref = case["reference"]
@@ -922,7 +1056,7 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {name} | {ref_text} | {_label(setting, row)} | {_fmt(row['max_mean_error'])} | "
                 f"{_fmt(row['median_sd_ratio'])} [{_fmt(row['min_sd_ratio'])}-"
-                f"{_fmt(row['max_sd_ratio'])}] | {_fmt(row.get('kl'), 3)} | "
+                f"{_fmt(row['max_sd_ratio'])}] | {_iqr(row)} | {_fmt(row.get('kl'), 3)} | "
                 f"{_fmt(row.get('khat'))} | {row.get('seconds')}"
                 + (f" (no Gaussian to score: {row['error']})" if "error" in row else "") + " |")
             ref_text = ""
@@ -931,7 +1065,35 @@ def markdown(results: dict) -> str:
                 lines.append(
                     f"| {name} | | best+PSIS | {_fmt(p['max_mean_error'])} | "
                     f"{_fmt(p['median_sd_ratio'])} [{_fmt(p['min_sd_ratio'])}-"
-                    f"{_fmt(p['max_sd_ratio'])}] | - | {_fmt(p['khat'])} | |")
+                    f"{_fmt(p['max_sd_ratio'])}] | {_iqr(p)} | - | {_fmt(p['khat'])} | |")
+    if "funnel" in results:
+        lines += ["", "## The funnel's x_i scale: what a finite sample can show", "",
+                  "sd and IQR of x_i over the exact ones (e^(9/4) = 9.49 and 1.148), median "
+                  "over the 9 coordinates (5-95% over repeats or coordinates).", "",
+                  "| draws | x_i sd ratio | x_i IQR ratio | notes |", "|---|---|---|---|"]
+        f = results["funnel"]
+        ex = f["exact_draws"]
+
+        def span(d):
+            return f"{d['median']:.2f} ({d['p5']:.2f}-{d['p95']:.2f})"
+
+        lines.append(f"| {ex['num_draws']} exact i.i.d. draws, {ex['repeats']} repeats | "
+                     f"{span(ex['median_sd_ratio'])} | {span(ex['median_iqr_ratio'])} | |")
+        n = f["nuts"]
+        lines.append(f"| NUTS (funnel as written, 1000 + 4000) | {span(n['x_sd_ratio'])} | "
+                     f"{span(n['x_iqr_ratio'])} | {n['seconds']} s, {n['divergences']} div., "
+                     f"v: mean err {n['v_mean_error']:.3f} sd, sd ratio {n['v_sd_ratio']:.2f} |")
+        for label in ("fit", "fit_flow"):
+            if label not in f:
+                continue
+            for key in ("raw", "psis_4000", "psis_40000"):
+                r = f[label][key]
+                sd = r["sites"]["x"]
+                lines.append(
+                    f"| {label} {key} | {_fmt(r['median_sd_ratio'])} ({_fmt(sd['min_sd_ratio'])}"
+                    f"-{_fmt(sd['max_sd_ratio'])}) | {_fmt(r['median_iqr_ratio'])} "
+                    f"({_fmt(sd['min_iqr_ratio'])}-{_fmt(sd['max_iqr_ratio'])}) | k-hat "
+                    f"{_fmt(r.get('khat'))}; {', '.join(f[label]['stages'])} |")
     if "conditioning" in results:
         lines += ["", "## Conditioning: which optimizer after the Laplace stage", "",
                   "AutoMultivariateNormal, Laplace init, STL ELBO (4 particles) unless noted. "
@@ -987,7 +1149,7 @@ def main(argv=None):
                         help="the fit settings to run on each case")
     parser.add_argument("--quick", action="store_true", help="a fifth of the steps")
     parser.add_argument("--experiments", nargs="*", default=[],
-                        choices=["conditioning", "guides"],
+                        choices=["conditioning", "guides", "funnel"],
                         help="extra experiments to run (written next to the suite's results)")
     parser.add_argument("--no-suite", action="store_true", help="only the experiments")
     parser.add_argument("--refresh-reference", action="store_true",
@@ -1012,6 +1174,8 @@ def main(argv=None):
         results["conditioning"] = conditioning_experiment()
     if "guides" in args.experiments:
         results["guides"] = guide_experiment()
+    if "funnel" in args.experiments:
+        results["funnel"] = funnel_experiment()
     results["meta"] = {"machine": platform.processor() or platform.machine(),
                        "torch": torch.__version__, "pyro": pyro.__version__,
                        "seconds": round(time.perf_counter() - start)}

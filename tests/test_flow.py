@@ -1,6 +1,7 @@
 """The flow guide (AutoRealNVP), the escalating default of ``fit(model, None)``, PSIS-resampled
 draws, and the funnel advice / non-centering, against exact answers."""
 
+import importlib
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ from pyro.infer.autoguide import AutoMultivariateNormal
 
 from pyro_elbo.diagnostics.arviz import to_dict
 from pyro_elbo.diagnostics.trust import diagnose
+from pyro_elbo.engine.traces import forked_rng
 from pyro_elbo.fit import fit
 from pyro_elbo.guides.flow import (
     AutoRealNVP,
@@ -176,7 +178,7 @@ def test_flow_fit_gets_the_funnels_log_scale_marginal_and_the_gaussian_does_not(
                progress=False, seed=0, init=None, skip_nonfinite=100)
     draws = {}
     for name, result in (("gaussian", gaussian), ("flow", flow)):
-        with torch.random.fork_rng():
+        with forked_rng():
             torch.manual_seed(7)
             draws[name] = posterior_of(result.guide, joint=True).sample((num_draws,))["v"]
     assert _within_5_se(draws["flow"], 0.0, 3.0), (draws["flow"].mean(), draws["flow"].std())
@@ -221,14 +223,16 @@ def test_escalation_continues_with_the_flow_on_a_funnel():
 
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
+    # reparam=None: the user keeps the model as written (no automatic non-centering)
     result = escalating_fit(fit, funnel10, (), {}, {"max_steps": 500, "progress": False,
-                                                    "flow_steps": 300})
+                                                    "flow_steps": 300, "reparam": None})
     names = [s.name for s in result.stages]
     assert names == ["gaussian", "flow"]
     assert result.stages[0].khat >= 0.7 and "continuing with a flow" in result.stages[0].reason
     assert "a funnel at ['x']" in result.stages[0].reason  # and the cure is named
     assert all(s.seconds > 0 for s in result.stages)
     assert result.stages[1].num_steps == 300
+    assert result.model is funnel10
 
 
 # ------------------------------------------------------------------ PSIS-resampled draws
@@ -317,5 +321,205 @@ def test_reparam_noncentered_fits_the_rewritten_model():
     latent = [n for n, s in trace.nodes.items() if s["type"] == "sample"
               and not s["is_observed"]]
     assert "theta" not in latent  # theta is now deterministic
-    with pytest.raises(ValueError, match="reparam must be None or 'noncentered'"):
+    with pytest.raises(ValueError, match="reparam must be .auto."):
         fit(model, None, *args, reparam="centered")
+
+
+# ------------------------------------------------------------------ robust escalation
+
+
+def _v_and_x_draws(result, num_draws=4000):
+    """Draws of the funnel's v and x from the fitted guide, through ``result.model`` (x is a
+    deterministic site there when the escalation non-centered it)."""
+    from pyro.infer.importance import vectorized_importance_weights
+
+    with forked_rng():
+        torch.manual_seed(11)
+        _, trace, _ = vectorized_importance_weights(result.model, result.guide,
+                                                    num_samples=num_draws, max_plate_nesting=1)
+    return trace.nodes["v"]["value"].double(), trace.nodes["x"]["value"].double()
+
+
+def test_a_funnel_with_no_mode_is_non_centered_by_default_and_comes_out_exact():
+    """Neal's funnel in 10 dimensions has no mode (the density grows without bound as v -> -inf
+    at x = 0), and no Gaussian holds it.  The default path's mode check finds no mode and a
+    latent scale at x, and non-centers it before fitting; the rewritten model (v ~ N(0, 3),
+    x_decentered ~ N(0, I)) is Gaussian, so the Gaussian stage is exact: v's mean and sd within
+    5 SE of 0 and 3, and x's IQR (exact by quadrature: 1.148) within 5 SE."""
+    pyro.clear_param_store()
+    result = fit(funnel10, None, max_steps=500, progress=False, seed=0)
+    names = [s.name for s in result.stages]
+    assert names == ["mode check", "gaussian (non-centered)"]
+    assert "no mode" in result.stages[0].reason and "['x']" in result.stages[0].reason
+    assert "non-centering" in result.stages[0].reason
+    assert result.stages[1].khat < 0.7 and "holds the posterior" in result.stages[1].reason
+    assert result.model is not funnel10 and result.resample == "psis"
+    v, x = _v_and_x_draws(result)
+    assert _within_5_se(v, 0.0, 3.0), (v.mean(), v.std())
+    iqr = (x.quantile(0.75, dim=0) - x.quantile(0.25, dim=0)).median()
+    # SE of a sample quartile: sqrt(p (1 - p) / n) / f(q) with the marginal density f(0.574) =
+    # 0.193 (quadrature over v); the IQR's SE is at most sqrt(2) times that: 0.050
+    assert abs(float(iqr) - 1.148) < 5 * 0.050
+
+
+def test_the_mode_check_names_latent_scales_and_needs_no_mode():
+    """Centered eight schools: theta's scale tau is latent (it differs between prior draws) and
+    L-BFGS finds no mode (it runs down the funnel), so the check returns theta; the
+    non-centered model has no latent scale, so it returns None without running L-BFGS."""
+    from pyro_elbo.fit.noncentering import funnel_without_mode, scale_sites
+
+    model, args = schools(centered=True)
+    assert scale_sites(model, args, {}) == ["theta"]
+    found = funnel_without_mode(model, args, {})
+    assert found is not None and found[0] == ["theta"]
+    assert found[1].selected == "path" and not found[1].converged
+    model_nc, _ = schools(centered=False)
+    assert scale_sites(model_nc, args, {}) == []
+    assert funnel_without_mode(model_nc, args, {}) is None
+
+
+def test_the_gaussian_stage_falls_back_to_sgd_from_the_prior_when_it_raises(monkeypatch):
+    """When the Gaussian stage raises (no mode, a failed Hessian...), the escalation reruns it
+    as SGD from the prior's median, records both, and the answer is the exact conjugate one
+    (mean within 0.05 sd, sd within 5%)."""
+    escalate = importlib.import_module("pyro_elbo.fit.escalate")
+
+    y = torch.tensor([2.1, 3.4, 2.7, 3.9, 2.2, 3.1], dtype=torch.float64)
+
+    def model(y):  # mu sees y, tau sees y - 5: independent conjugate posteriors
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 10.0))
+        tau = pyro.sample("tau", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 10.0))
+        with pyro.plate("data", y.shape[-1]):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=y)
+            pyro.sample("obs2", dist.Normal(tau, 1.0), obs=y - 5)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no mode found (test)")
+
+    monkeypatch.setattr(escalate, "gaussian_stage", broken)
+    pyro.clear_param_store()
+    result = fit(model, None, y, max_steps=1500, progress=False, seed=0)
+    assert [s.name for s in result.stages][:2] == [
+        "gaussian", "gaussian (fallback: SGD from the prior median, no Laplace stage)"]
+    assert "failed (RuntimeError: no mode found (test))" in result.stages[0].reason
+    assert result.init.ran is False
+    # exact posterior: mu ~ N(sum y / (n + 1/100), 1 / (n + 1/100)), tau likewise with y - 5
+    precision = len(y) + 1 / 100
+    mean = torch.stack([y.sum(), (y - 5).sum()]) / precision
+    cov = torch.eye(2, dtype=torch.float64) / precision
+    # what the user gets: the guide's draws, PSIS-resampled (its k-hat allows it), within 5 SE
+    assert result.resample == "psis"
+    pyro.set_rng_seed(3)
+    idata = to_dict(result.model, result.guide, y, num_samples=4000, log_likelihood=False,
+                    posterior_predictive=False, resample=result.resample)
+    n = 1 / (1 / idata.attrs["posterior"]["psis_ess"] + 1 / 4000)
+    sd = cov.diagonal().sqrt()
+    for index, name in enumerate(("mu", "tau")):
+        draws = np.asarray(idata.groups["posterior"][name]).ravel()
+        assert abs(draws.mean() - float(mean[index])) < 5 * float(sd[index]) / math.sqrt(n)
+        assert abs(draws.std() - float(sd[index])) < 5 * float(sd[index]) / math.sqrt(2 * n)
+
+
+def test_a_flow_that_goes_non_finite_is_retried_with_a_smaller_step(monkeypatch):
+    """The first flow run raises (as a non-finite one does); the escalation drops its
+    parameters, reruns it with the step divided by FLOW_RETRY_FACTOR, and records both."""
+    escalate = importlib.import_module("pyro_elbo.fit.escalate")
+    from pyro_elbo.fit.loop import NonFiniteError
+
+    calls = []
+    real = escalate._flow_stage
+
+    def first_fails(fit_, model, base, args, kwargs, options, lr=None):
+        calls.append(lr)
+        if len(calls) == 1:
+            # what a diverged flow leaves in the param store: the retry must not start there
+            pyro.param("AutoRealNVP.shift", torch.full((10,), math.nan))
+            raise NonFiniteError("fit: the loss is nan at step 7 (test)", step=7)
+        return real(fit_, model, base, args, kwargs, options, lr=lr)
+
+    monkeypatch.setattr(escalate, "_flow_stage", first_fails)
+    pyro.clear_param_store()
+    result = escalate.escalating_fit(fit, funnel10, (), {}, {
+        "max_steps": 300, "progress": False, "flow_steps": 200, "reparam": None})
+    names = [s.name for s in result.stages]
+    assert names == ["gaussian", "flow", "flow (retry, step 0.001)"]
+    assert "failed (NonFiniteError" in result.stages[1].reason
+    assert calls[0] is None
+    assert calls[1] == pytest.approx(flow_optimizer().keywords["lr"] / escalate.FLOW_RETRY_FACTOR)
+    assert result.stages[2].num_steps == 200 and math.isfinite(result.stages[2].khat)
+    assert "AutoRealNVP.shift" in pyro.get_param_store()  # the retry's own, finite
+    assert bool(torch.isfinite(pyro.param("AutoRealNVP.shift")).all())
+
+
+# ------------------------------------------------------------------ the flow's stopping rule
+
+
+def _feed(rule, losses):
+    for step, loss in enumerate(losses, 1):
+        if rule.update(step, float(loss)):
+            return step
+    return None
+
+
+def test_loss_plateau_stops_on_noise_and_not_while_the_loss_falls():
+    from pyro_elbo.fit.plateau import LossPlateau
+
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(3000, generator=gen, dtype=torch.float64)
+    # a flat, noisy loss: the first test (step 400) finds no gain beyond 2 se
+    rule = LossPlateau()
+    assert _feed(rule, 10 + 0.5 * noise) == 400
+    assert rule.converged and "not distinguishable from the loss's noise" in rule.reason(True)
+    # falling by 0.05 nats per 200 steps, little noise: never stops
+    rule = LossPlateau()
+    assert _feed(rule, 10 - 0.00025 * torch.arange(3000) + 0.01 * noise) is None
+    assert not rule.converged and "still falling" in rule.reason(False)
+    # falls fast, then flat with little noise: stops once two windows are flat, below tol
+    curve = 10 + 5 * torch.exp(-torch.arange(3000.0, dtype=torch.float64) / 100) + 1e-4 * noise
+    rule = LossPlateau()
+    stop = _feed(rule, curve)
+    assert stop is not None and 700 <= stop <= 1600, stop
+    assert "below the tolerance" in rule.reason(True)
+    # a checkpointed rule resumes to the same decision
+    # a plateau that fails ``accept`` does not stop the run; the reason says why
+    calls = []
+    rule = LossPlateau(accept=lambda: (calls.append(1), (len(calls) > 1, "k-hat test"))[1])
+    assert _feed(rule, 10 + 0.5 * noise) == 900  # refused at 400, accepted 500 steps later
+    assert "and k-hat test" in rule.reason(True) and len(calls) == 2
+    rule, resumed = LossPlateau(), LossPlateau()
+    _feed(rule, curve[:650])
+    resumed.load_state_dict(rule.state_dict())
+    assert [resumed.update(s, float(curve[s - 1])) for s in range(651, 1300)] == \
+        [rule.update(s, float(curve[s - 1])) for s in range(651, 1300)]
+
+
+BANANA_B, BANANA_S = 0.5, 2.0
+
+
+def banana():
+    x1 = pyro.sample("x1", dist.Normal(0.0, BANANA_S))
+    pyro.sample("x2", dist.Normal(BANANA_B * (x1**2 - BANANA_S**2), 1.0))
+
+
+def test_the_flow_stage_stops_on_its_rule_and_gets_the_bananas_exact_moments():
+    """A banana (x1 ~ N(0, 2), x2 | x1 ~ N(0.5 (x1^2 - 4), 1)): exact E x2 = 0, sd x2 = 3.  The
+    default escalates to the flow, which stops on LossPlateau before FLOW_MAX_STEPS and says
+    why; its PSIS-resampled draws (4000) give x2's mean and sd within 5 SE."""
+    from pyro_elbo.fit.escalate import FLOW_MAX_STEPS
+
+    pyro.clear_param_store()
+    result = fit(banana, None, max_steps=500, progress=False, seed=0)
+    flow = result.stages[-1]
+    assert [s.name for s in result.stages] == ["gaussian", "flow"]
+    assert flow.converged and flow.num_steps < FLOW_MAX_STEPS
+    assert "the loss stopped falling" in flow.reason
+    idata = to_dict(result.model, result.guide, num_samples=4000, log_likelihood=False,
+                    posterior_predictive=False, resample=result.resample)
+    assert result.resample == "psis"
+    ess = idata.attrs["posterior"]["psis_ess"]
+    x2 = np.asarray(idata.groups["posterior"]["x2"]).ravel()
+    n = 1 / (1 / ess + 1 / 4000)  # the PSIS weights' ESS and the resampling, together
+    assert abs(x2.mean()) < 5 * 3.0 / math.sqrt(n)
+    # SE of a sample sd: sqrt((mu4 - sigma^4) / n) / (2 sigma), x2's fourth central moment
+    # mu4 = 1011 (x2 = 2 (u^2 - 1) + e with u, e ~ N(0, 1)), sigma = 3
+    assert abs(x2.std() - 3.0) < 5 * math.sqrt((1011 - 81) / n) / 6

@@ -84,7 +84,7 @@ def fit(
     method: str = "auto",
     method_options: dict | None = None,
     escalate: bool = True,
-    reparam=None,
+    reparam="auto",
     distributed="auto",
     **kwargs,
 ) -> FitResult:
@@ -149,7 +149,9 @@ def fit(
         ``result.stages`` says what ran and why).  ``False``: one Gaussian run.
     :param reparam: ``"noncentered"``: fit the model rewritten by
         :class:`pyro.infer.reparam.LocScaleReparam` on every latent location-scale site (the
-        cure for a funnel; ``result.model`` is the rewritten model); default ``None``.
+        cure for a funnel; ``result.model`` is the rewritten model); ``"auto"`` (default): the
+        escalating default does so when it finds a funnel (said in ``result.stages``); ``None``:
+        never.
     :param distributed: data-parallel training across the processes of a ``torchrun`` launch
         (:mod:`.data_parallel`): ``"auto"`` (default) when ``torch.distributed`` is initialized
         with more than one process, as under DDP; ``True``: join the group ``torchrun`` set up
@@ -179,14 +181,15 @@ def fit(
             raise ValueError("fit: compile=True does not run data-parallel yet; pass "
                              "compile=False or distributed=False")
         compile = False if compile == "auto" else compile
-    if check_reparam(reparam) is not None:
+    if check_reparam(reparam) == "noncentered":
         model, reparam = noncentered(model), None  # rewritten once, here
     if escalate and method == "auto" and guide is None and loss is None and optim is None \
             and data is None and checkpoint is None and num_steps is None:
         # the seed goes to the Gaussian stage: it is then the run fit(..., escalate=False) makes
         options = dict(progress=progress, convergence=convergence, seed=seed,
                        callbacks=callbacks, compile=compile, skip_nonfinite=skip_nonfinite,
-                       init=init, **({} if max_steps == 10_000 else {"max_steps": max_steps}))
+                       init=init, reparam=reparam,
+                       **({} if max_steps == 10_000 else {"max_steps": max_steps}))
         return escalating_fit(fit, model, args, kwargs, options)
     if method != "svi" and not (method == "auto" and guide is not None):  # pyro_elbo/vi/
         from pyro_elbo.vi.methods import dispatch
