@@ -185,7 +185,7 @@ class WhitenedPlan:
         number = scalars[count]
         if optim.schedule is not None:
             offset = (number - scalars[count + 2]).clamp(0, WINDOW - 1).to(torch.long)
-            multiplier = table[offset]
+            multiplier = table.gather(0, offset.reshape(1)).reshape(())
         else:
             multiplier = 1.0
         new_scalars = list(scalars.unbind())
