@@ -94,6 +94,22 @@ def test_whitened_adam_in_the_graph_steps_as_the_eager_one(guide_name, dtype, mo
         assert [g["scale"] for g in plan.groups] == [1.0, 0.1, 0.1]
 
 
+def test_auto_switches_from_the_eager_whitened_step_to_the_graph(monkeypatch):
+    """compile="auto" under a convergence rule switches at step AUTO_AFTER (here 30): the graph
+    takes WhitenedAdam's state from the eager steps (no resync of the whitened coordinates) and
+    the run ends where the eager one does, up to rounding."""
+    from pyro_elbo.fit.convergence import RelativeTolerance
+
+    monkeypatch.setattr("pyro_elbo.fast.DEFAULT_BACKEND", "eager")
+    monkeypatch.setattr(compiling, "AUTO_AFTER", 30)
+    monkeypatch.setattr(compiling, "AUTO_REMAINING", 30)
+    never = RelativeTolerance(tol=1e-12)
+    auto, eager = (default_fit("default", c, max_steps=80, convergence=never)
+                   for c in ("auto", False))
+    assert auto[0].compiled.from_step == 31 and "the optimizer update" in auto[0].compiled.reason
+    assert_same_run(auto, eager, 1e-4)
+
+
 def test_schedule_and_averaging_in_the_graph_as_eager(monkeypatch):
     """A user's WhitenedAdam with a cosine schedule (crossing the device's window of
     multipliers twice) and Polyak averaging: the compiled run's state and ``finalize``'s

@@ -88,6 +88,8 @@ class FusedStep:
         self._entries[key] = fn
         if index is not None and (self._used is None or not set(index) <= set(self._used)):
             self._used = sorted(set(index) | set(self._used or ()))
+            if self._state is not None:  # the device's step counts into the optimizer first
+                self.plan.sync()
             self._state = None  # bound again at the next call
         return fn
 

@@ -20,8 +20,10 @@ as the eager step would; the step counts and learning rates live on the device d
 (:attr:`OptimizerPlan.scalars`) and are written back by :meth:`OptimizerPlan.sync`.  Every
 update is masked: ``where(ok, new, old)``, so a non-finite step changes nothing.
 
-Any other optimizer (or option: ``amsgrad``, ``maximize``, gradient clipping by ``clip_args``, a
-learning-rate scheduler) raises :class:`Unsupported`; the step then runs the optimizer eagerly.
+``fit``'s default ``WhitenedAdam`` is :mod:`.whitened`'s (its other parameters' plain Adam is
+this module's).  Any other optimizer (or option: ``amsgrad``, ``maximize``, gradient clipping by
+``clip_args``, a learning-rate scheduler) raises :class:`Unsupported`; the step then runs the
+optimizer eagerly.
 """
 
 from __future__ import annotations
