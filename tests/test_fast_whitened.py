@@ -210,3 +210,25 @@ def test_a_nan_at_step_k_leaves_the_whitened_state_of_step_k_minus_1(bad_step, m
         assert torch.equal(leaf_a, leaf_b)
         assert torch.equal(halted._adam.state[leaf_a]["exp_avg"],
                            before._adam.state[leaf_b]["exp_avg"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_whitened_step_in_the_graph_matches_eager():
+    """On CUDA (inductor's CUDA graphs asked for): WhitenedAdam in the graph gives the eager
+    run's parameters up to rounding, with its whitened coordinates on the device."""
+    from pyro_elbo.conjugate import LinearRegression
+
+    oracle = LinearRegression.simulate(100, 3, seed=0, dtype=torch.float64).to("cuda")
+    runs = []
+    for compile_ in (True, False):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = AutoMultivariateNormal(oracle.model)
+        guide()
+        optim = WhitenedAdam(guide, 0.05)
+        result = fit(oracle.model, guide, loss=ELBO(2), optim=optim, seed=0, progress=False,
+                     init=None, num_steps=60, compile=compile_)
+        runs.append((result, snapshot()))
+    assert runs[0][0].compiled and "the optimizer update" in runs[0][0].compiled.reason
+    assert all(leaf.is_cuda for leaf in runs[0][0].optim._psi)
+    assert_same_run(runs[0], runs[1], 1e-8)
