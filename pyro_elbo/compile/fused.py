@@ -2,9 +2,9 @@
 
 Each call of :class:`FusedStep` runs one compiled graph of
 ``(parameters, optimizer state, flags, data)`` that computes the loss and its gradients
-(:func:`~.capture.capture`), then the optimizer update (:class:`~.optim.OptimizerPlan`) in
-place, masked by ``ok = finite and no earlier step was non-finite``.  Nothing is read back to
-the host: the call returns the loss as a device tensor, and two device flags record the number
+(:func:`~.capture.capture`), then the optimizer update (:class:`~.optim.OptimizerPlan`, or
+:class:`~.whitened.WhitenedPlan` for ``fit``'s default ``WhitenedAdam``) in place, masked by
+``ok = finite and no earlier step was non-finite``.  Nothing is read back to the host: the call returns the loss as a device tensor, and two device flags record the number
 of calls and the first call whose loss or gradient was non-finite.  :meth:`FusedStep.read`
 reads the pending losses and that flag in one host read, so a loop can check every N steps:
 when it finds a non-finite step ``k``, the parameters and the optimizer's state are those after
@@ -23,7 +23,7 @@ import torch
 
 from pyro_elbo.compile.capture import CaptureError, capture, compile_graph, signature, tensors
 from pyro_elbo.compile.graphs import default_backend
-from pyro_elbo.compile.optim import OptimizerPlan
+from pyro_elbo.compile.whitened import make_plan
 
 __all__ = ["FusedStep"]
 
@@ -43,7 +43,7 @@ class FusedStep:
         self.model, self.guide, self.objective, self.adapter = model, guide, objective, adapter
         self.names = list(names)
         self.params = list({id(leaf): leaf for leaf in leaves}.values())
-        self.plan = OptimizerPlan(adapter, self.params)
+        self.plan = make_plan(adapter, self.params)
         self.backend = backend or default_backend()
         self.flags = torch.zeros(2, dtype=torch.float64, device=self.params[0].device)
         self.calls = 0  # == flags[0]: calls of the step since it was built
@@ -60,9 +60,7 @@ class FusedStep:
     # -------------------------------------------------------------- build
     def _placeholders(self):
         """Stand-ins for the optimizer state while capturing (the graph sees shapes only)."""
-        zeros = [torch.zeros_like(p, requires_grad=False) for p in self.params]
-        scalars = torch.zeros(2, len(self.params), dtype=torch.float64, device=self.flags.device)
-        return [*zeros, *[z.clone() for z in zeros], scalars, self.flags.clone()]
+        return [*self.plan.placeholders(), self.flags.clone()]
 
     def _graph_update(self, params, grads, loss, finite, extra):
         flags, state = extra[-1], extra[:-1]
@@ -90,6 +88,8 @@ class FusedStep:
         self._entries[key] = fn
         if index is not None and (self._used is None or not set(index) <= set(self._used)):
             self._used = sorted(set(index) | set(self._used or ()))
+            if self._state is not None:  # the device's step counts into the optimizer first
+                self.plan.sync()
             self._state = None  # bound again at the next call
         return fn
 
@@ -111,6 +111,7 @@ class FusedStep:
         if self._state is None:
             self.bind()
         self.calls += 1
+        self.plan.before_call()
         if fn is None:
             status = self._eager(args, kwargs)
         else:

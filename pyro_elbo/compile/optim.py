@@ -20,8 +20,10 @@ as the eager step would; the step counts and learning rates live on the device d
 (:attr:`OptimizerPlan.scalars`) and are written back by :meth:`OptimizerPlan.sync`.  Every
 update is masked: ``where(ok, new, old)``, so a non-finite step changes nothing.
 
-Any other optimizer (or option: ``amsgrad``, ``maximize``, gradient clipping by ``clip_args``, a
-learning-rate scheduler) raises :class:`Unsupported`; the step then runs the optimizer eagerly.
+``fit``'s default ``WhitenedAdam`` is :mod:`.whitened`'s (its other parameters' plain Adam is
+this module's).  Any other optimizer (or option: ``amsgrad``, ``maximize``, gradient clipping by
+``clip_args``, a learning-rate scheduler) raises :class:`Unsupported`; the step then runs the
+optimizer eagerly.
 """
 
 from __future__ import annotations
@@ -66,8 +68,10 @@ def _rule_of(optimizer, leaf):
                       "(torch.optim.Adam/AdamW, Pyro's Adam/ClippedAdam)")
 
 
-def _torch_optimizers(adapter, leaves):
-    """The torch optimizer of each leaf, as ``fit``'s adapter would step it."""
+def _torch_optimizers(adapter, leaves, own_step=False):
+    """The torch optimizer of each leaf, as ``fit``'s adapter would step it (``own_step``: a
+    ``PyroOptim`` subclass's plain per-parameter optimizers, for the parameters it does not step
+    its own way)."""
     if getattr(adapter, "scheduler", None) is not None:  # stepped by the adapter after each step
         raise Unsupported(f"a learning-rate scheduler ({type(adapter.scheduler).__name__})")
     if adapter.kind == "torch":
@@ -76,7 +80,7 @@ def _torch_optimizers(adapter, leaves):
     import pyro
     from pyro.optim.optim import PyroOptim, _load_state_dict
 
-    if type(optim) is not PyroOptim:  # a subclass steps its own way (e.g. WhitenedAdam)
+    if type(optim) is not PyroOptim and not own_step:  # a subclass steps its own way (e.g. WhitenedAdam)
         raise Unsupported(f"{type(optim).__name__}'s own step")
 
     found = []
@@ -106,8 +110,8 @@ class OptimizerPlan:
     :raises Unsupported: when the optimizer cannot run inside the graph.
     """
 
-    def __init__(self, adapter, leaves):
-        self.adapter, self.leaves = adapter, list(leaves)
+    def __init__(self, adapter, leaves, *, own_step=False):
+        self.adapter, self.leaves, self.own_step = adapter, list(leaves), own_step
         self._resolve()
         self.name = ", ".join(sorted({type(o).__name__ for o in self.optimizers}))
         self.scalars = None
@@ -116,12 +120,22 @@ class OptimizerPlan:
     def _resolve(self):
         """The torch optimizer, update rule and parameter group of each leaf (again after a
         resume: ``load_state_dict`` may replace a ``pyro.optim`` wrapper's optimizers)."""
-        self.optimizers = _torch_optimizers(self.adapter, self.leaves)
+        self.optimizers = _torch_optimizers(self.adapter, self.leaves, self.own_step)
         found = [_rule_of(o, leaf) for o, leaf in zip(self.optimizers, self.leaves)]
         self.rules = [rule for rule, _ in found]
         self.groups = [group for _, group in found]
 
     # -------------------------------------------------------------- state
+    def placeholders(self):
+        """Stand-ins for :meth:`bind`'s state while capturing (the graph sees shapes only)."""
+        zeros = [torch.zeros_like(p, requires_grad=False) for p in self.leaves]
+        scalars = torch.zeros(2, len(self.leaves), dtype=torch.float64,
+                              device=self.leaves[0].device)
+        return [*zeros, *[z.clone() for z in zeros], scalars]
+
+    def before_call(self):
+        """Nothing to do on the host before a call."""
+
     def bind(self, used):
         """The state tensors for the graph's inputs: ``[*m, *v, scalars]`` with one ``m`` and
         ``v`` per leaf (the optimizer's own, made as it makes them when missing; a placeholder

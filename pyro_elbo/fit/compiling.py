@@ -15,8 +15,8 @@ inductor's cache warm, most of it importing inductor; 20-80 s cold on a 2-core m
 The rule depends on step counts only, so a resumed run compiles from the same step as an
 uninterrupted one (bit for bit on CPU).  ``compile=False`` is eager throughout.
 
-The compiled step holds the optimizer update too when the optimizer is Adam, AdamW or
-ClippedAdam (:mod:`pyro_elbo.compile.fused`; the loop is then
+The compiled step holds the optimizer update too when the optimizer is fit's default
+``WhitenedAdam``, Adam, AdamW or ClippedAdam (:mod:`pyro_elbo.compile.fused`; the loop is then
 :func:`pyro_elbo.fit.compiled_loop.fused_loop`, which reads the device every 50 steps); any other
 optimizer runs eagerly after the compiled loss and gradients, and ``result.compiled.reason`` says
 so.  The compiled and eager steps draw the same random numbers (:mod:`pyro_elbo.fast`), so the

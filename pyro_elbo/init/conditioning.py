@@ -199,6 +199,7 @@ class WhitenedAdam(PyroOptim):
             "num_steps": self.num_steps,
             "sum": self._sum,
             "count": self._count,
+            "written": dict(self._written),
         }
         return state
 
@@ -214,10 +215,13 @@ class WhitenedAdam(PyroOptim):
                 self._adam.load_state_dict(mine["adam"])
             self.num_steps, self._sum, self._count = mine["num_steps"], mine["sum"], mine["count"]
             # the guide's parameters are restored before the optimizer (fit, SVI users): when
-            # they are the image of the restored coordinates, keep those (a resume is then bit
-            # for bit); otherwise the next step resyncs from the guide
+            # they are what this optimizer wrote (or the image of the restored coordinates),
+            # keep those (a resume is then bit for bit); otherwise the next step resyncs
             store = pyro.get_param_store()
-            self._written = {}
+            self._written = {
+                n: v for n, v in mine.get("written", {}).items()
+                if n in store._params and torch.equal(store._params[n].detach(), v)
+            }
             for block in self.blocks:
                 with torch.no_grad():
                     values = block.forward(block.psi)

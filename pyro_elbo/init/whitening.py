@@ -82,9 +82,9 @@ class FullRankBlock(WhitenedBlock):
         self.L0 = torch.diag_embed(L.pow(2).sum(-1).sqrt()) if diagonal else L.clone()
         dim = loc.numel()
         self.psi = [
-            torch.zeros(dim, dtype=loc.dtype, requires_grad=True),  # mu
-            torch.zeros(dim, dtype=loc.dtype, requires_grad=True),  # rho
-            torch.zeros(dim, dim, dtype=loc.dtype, requires_grad=True),  # R_off
+            torch.zeros(dim, dtype=loc.dtype, device=loc.device, requires_grad=True),  # mu
+            torch.zeros(dim, dtype=loc.dtype, device=loc.device, requires_grad=True),  # rho
+            torch.zeros(dim, dim, dtype=loc.dtype, device=loc.device, requires_grad=True),
         ]
         if diagonal:
             with torch.no_grad():
@@ -154,7 +154,8 @@ class LowRankBlock(WhitenedBlock):
     def __init__(self, guide):
         self.handles = [ParamHandle(guide, n) for n in ("loc", "scale", "cov_factor")]
         loc, scale, factor = (h.constrained(h.current()).detach() for h in self.handles)
-        cov = scale[:, None] * (factor @ factor.T + torch.eye(loc.numel(), dtype=loc.dtype))
+        eye = torch.eye(loc.numel(), dtype=loc.dtype, device=loc.device)
+        cov = scale[:, None] * (factor @ factor.T + eye)
         cov = cov * scale[None, :]
         self.m0, self.s0 = loc.clone(), scale.clone()
         self.L0 = torch.linalg.cholesky(cov)
