@@ -95,6 +95,18 @@ def signature(args, kwargs):
     return tuple(key)
 
 
+def cached_graph(entries: dict, build, args, kwargs):
+    """The compiled graph of this call's signature: from ``entries`` (by signature), else made by
+    ``build(key, args, kwargs)`` (which stores it); None when the call runs eagerly (a signature
+    that cannot be captured, or one whose capture failed)."""
+    try:
+        key = signature(args, kwargs)
+    except CaptureError:
+        return None
+    entry = entries.get(key, False)
+    return build(key, args, kwargs) if entry is False else entry
+
+
 def tensors(args, kwargs):
     return [a for a in args if isinstance(a, torch.Tensor)] + [
         kwargs[k] for k in sorted(kwargs) if isinstance(kwargs[k], torch.Tensor)

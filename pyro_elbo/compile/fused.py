@@ -21,7 +21,14 @@ import warnings
 
 import torch
 
-from pyro_elbo.compile.capture import CaptureError, capture, compile_graph, signature, tensors
+from pyro_elbo.compile.capture import (
+    CaptureError,
+    cached_graph,
+    capture,
+    compile_graph,
+    signature,
+    tensors,
+)
 from pyro_elbo.compile.graphs import default_backend
 from pyro_elbo.compile.whitened import make_plan
 
@@ -101,13 +108,7 @@ class FusedStep:
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """One step; returns ``[loss, first non-finite call (0: none)]`` as a float64 device
         tensor (no host read)."""
-        try:
-            key = signature(args, kwargs)
-        except CaptureError:
-            key = None
-        fn = self._entries.get(key, False) if key is not None else None
-        if fn is False:
-            fn = self._build(key, args, kwargs)
+        fn = cached_graph(self._entries, self._build, args, kwargs)
         if self._state is None:
             self.bind()
         self.calls += 1

@@ -17,6 +17,7 @@ import torch
 
 from pyro_elbo.compile.capture import (
     CaptureError,
+    cached_graph,
     capture,
     check_static_structure,
     compile_graph,
@@ -89,13 +90,7 @@ class CompiledLossAndGrads:
         return entry
 
     def __call__(self, model, guide, *args, **kwargs) -> float:
-        try:
-            key = signature(args, kwargs)
-        except CaptureError:
-            key = None
-        entry = self._entries.get(key, False) if key is not None else None
-        if entry is False:
-            entry = self._build(key, args, kwargs)
+        entry = cached_graph(self._entries, self._build, args, kwargs)
         if entry is None:
             self._finite = None
             return self.objective.loss_and_grads(model, guide, *args, **kwargs)

@@ -28,7 +28,12 @@ from pyro_elbo.engine.traces import forked_rng
 from pyro_elbo.fit.batches import _with_batch
 from pyro_elbo.fit.convergence import AutoConvergence
 from pyro_elbo.fit.nan import _annotate
-from pyro_elbo.fit.progress import _callable_name, _postfix, _progress_bar
+from pyro_elbo.fit.progress import (
+    _postfix,
+    _progress_bar,
+    advance_bar,
+    callback_stop,
+)
 from pyro_elbo.fit.result import FitState
 
 __all__ = ["READ_EVERY", "fused_loop"]
@@ -127,14 +132,11 @@ def fused_loop(run, bar=None):
                     run.save()
                 if callbacks:
                     step_fn.sync()
-                    state.step, state.loss = step, value
-                    stopping = [cb for cb in callbacks if cb(state) is True]
-                    if stopping and not finished:
-                        run.stop = f"stopped by the callback {_callable_name(stopping[0])}"
+                    stop = callback_stop(callbacks, state, step, value)
+                    if stop and not finished:
+                        run.stop = stop
                         break
-                if bar is not None and step % 50 == 0:
-                    bar.update(step - bar.n)
-                    bar.set_postfix_str(_postfix(losses, rule), refresh=False)
+                advance_bar(bar, step, losses, rule)
                 if finished:
                     pending.settle()
                     break

@@ -39,3 +39,20 @@ def _postfix(losses, rule):
     status = rule.status if rule is not None else ""
     return f"{text} | {status}" if status else text
 
+
+
+def callback_stop(callbacks, state, step, value, strategy=None):
+    """Why the callbacks stop the run after ``step`` (one of them returned True; in a
+    data-parallel run, one on any rank), or None."""
+    state.step, state.loss = step, value
+    stopping = [cb for cb in callbacks if cb(state) is True]
+    if strategy is not None and strategy.agree(bool(stopping)):
+        stopping = stopping or ["a callback on another rank"]
+    return f"stopped by the callback {_callable_name(stopping[0])}" if stopping else None
+
+
+def advance_bar(bar, step, losses, rule):
+    """Move the progress bar to ``step`` every 50 steps (tqdm refreshes at its own rate)."""
+    if bar is not None and step % 50 == 0:
+        bar.update(step - bar.n)
+        bar.set_postfix_str(_postfix(losses, rule), refresh=False)

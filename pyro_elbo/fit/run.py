@@ -39,7 +39,12 @@ from pyro_elbo.fit.preflight import (
     check_model_guide,
     check_objective,
 )
-from pyro_elbo.fit.progress import _callable_name, _postfix, _progress_bar
+from pyro_elbo.fit.progress import (
+    _postfix,
+    _progress_bar,
+    advance_bar,
+    callback_stop,
+)
 from pyro_elbo.fit.result import FitResult, FitState
 
 __all__ = []
@@ -276,16 +281,11 @@ class _Run:
                     if checkpoint is not None and step % every == 0 and not finished:
                         self.save()  # (the end of the run is saved by finish)
                     if callbacks:
-                        state.step, state.loss = step, value
-                        stopping = [cb for cb in callbacks if cb(state) is True]
-                        if strategy is not None and strategy.agree(bool(stopping)):
-                            stopping = stopping or ["a callback on another rank"]
-                        if stopping and not finished:
-                            self.stop = f"stopped by the callback {_callable_name(stopping[0])}"
+                        stop = callback_stop(callbacks, state, step, value, strategy)
+                        if stop and not finished:
+                            self.stop = stop
                             break
-                    if bar is not None and step % 50 == 0:
-                        bar.update(step - bar.n)
-                        bar.set_postfix_str(_postfix(losses, rule), refresh=False)
+                    advance_bar(bar, step, losses, rule)
                     if finished:
                         break
                     if strategy is None:
