@@ -151,7 +151,7 @@ def gaussian_stage(fit, model, args, kwargs, options):
     """The Gaussian fit the escalation starts from (the one place to change how it is done)."""
     settings = {"max_steps": GAUSSIAN_MAX_STEPS, **options}
     # guide=None with method="auto": the recommended guide, fitted by Batch-and-Match when its
-    # fixed-point test passes (near-Gaussian posteriors), else by the SGD loop
+    # stopping tests pass (near-Gaussian posteriors), else by the SGD loop
     # (pyro_elbo.vi.methods)
     return fit(model, None, *args, escalate=False, **settings, **kwargs)
 

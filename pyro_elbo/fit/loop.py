@@ -141,7 +141,8 @@ def fit(
     :param str method: ``"svi"`` (this stochastic-gradient loop), ``"bam"`` (Batch-and-Match),
         ``"pathfinder"`` (multi-path Pathfinder) or ``"auto"`` (default: ``"svi"`` unless
         ``guide=None`` and no setting of this loop is given; then BaM first, ``"svi"`` when
-        BaM's fixed-point test fails): see :mod:`pyro_elbo.vi.methods`.
+        BaM passes neither of its stopping tests, the Fisher-divergence test and the
+        fixed-point test, within 30 iterations): see :mod:`pyro_elbo.vi.methods`.
     :param dict method_options: settings of ``"bam"``/``"pathfinder"``.
     :param bool escalate: with ``guide=None``, ``method="auto"`` (and no ``loss``, ``optim``,
         ``data``, ``checkpoint`` or ``num_steps``): fit the Gaussian, check its PSIS k-hat, continue with a flow guide when

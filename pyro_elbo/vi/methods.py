@@ -43,7 +43,8 @@ __all__ = ["BAM_DEFAULTS", "METHODS", "dispatch", "fit_method"]
 
 METHODS = ("auto", "svi", "bam", "pathfinder")
 
-#: BaM iterations ``method="auto"`` gives the fixed-point test before it falls back to "svi"
+#: BaM iterations ``method="auto"`` gives its stopping tests (Fisher divergence, fixed point)
+#: before it falls back to "svi"
 AUTO_BAM_ITERATIONS = 30
 
 PATHFINDER_DEFAULTS = {"num_paths": 4, "num_draws": 1000, "draws_per_path": None,
