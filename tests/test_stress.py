@@ -1,4 +1,4 @@
-"""A fast subset of the stress suite (benchmarks/stress.py) with exact answers.
+"""A fast subset of the stress suite (benchmarks/stress/) with exact answers.
 
 The badly scaled LinearRegression oracle of the suite: an intercept and raw columns with means
 200 to 4000 and sds 1 to 1000, N = 1000; posterior correlation 0.9999 and sds 3e5 apart.
@@ -76,7 +76,7 @@ def test_fit_default_pipeline_reaches_exact_posterior(oracle):
 
 
 def test_pipeline_by_hand_matches(oracle):
-    """The same stages called one by one, as ``benchmarks/stress.py`` does."""
+    """The same stages called one by one, as ``benchmarks/stress/settings.py`` does."""
     guide = recommended_guide(oracle.model)
     assert isinstance(guide, AutoMultivariateNormal)
     laplace = laplace_init(oracle.model, guide)

@@ -37,7 +37,7 @@ back, so the user's guide is the one that is fitted and ``posterior_of``, ``SVI`
 estimator see nothing unusual.  Every other parameter (model parameters, guides of other types)
 gets plain Adam with ``other_lr``.
 
-Optional extras, chosen by measurement (``benchmarks/stress.py --conditioning``):
+Optional extras, chosen by measurement (``python -m benchmarks.stress --experiments conditioning``):
 
 * ``schedule``: a learning-rate multiplier per step (e.g. :func:`cosine_decay`);
 * ``average_from``: Polyak-Ruppert iterate averaging of the whitened coordinates from that step

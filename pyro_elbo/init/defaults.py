@@ -11,8 +11,8 @@
 * larger, or any latent site inside a subsampled plate (local latents): ``AutoNormal``, the only
   one of these that supports data subsampling.
 
-The thresholds were set by measurement (``python -m benchmarks.stress --guides``, see the
-report in ``benchmarks/results/stress.md``).
+The thresholds were set by measurement (``python -m benchmarks.stress --experiments guides``, see
+the report in ``benchmarks/results/stress.md``).
 
 **Objective** (:func:`recommended_objective`): the ELBO with the sticking-the-landing estimator
 (Roeder, Wu & Duvenaud 2017), ``pyro_elbo.ELBO(num_particles, estimator="stl")``.  Its gradient
