@@ -78,7 +78,7 @@ def fit_defaults(case: Case):
         "laplace": result.init.message,
         "steps": result.num_steps,
         "converged": result.converged,
-        "final_loss": float(result.losses[-1]),
+        "final_loss": float(result.losses[-1]) if len(result.losses) else None,
         "resample": result.resample,
         "stages": [{"name": st.name, "guide": st.guide, "reason": st.reason,
                     "khat": st.khat, "seconds": round(st.seconds, 1),
