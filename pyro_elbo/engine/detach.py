@@ -31,6 +31,7 @@ from pyro_elbo.engine.traces import messenger_guide_trace, quietly
 __all__ = [
     "GAUSSIAN_AUTOGUIDES",
     "detach_auxiliary_sites",
+    "detaches_auxiliary_exactly",
     "graph_leaves",
     "log_q_with_constant_params",
     "path_derivative_unavailable",
@@ -158,6 +159,14 @@ GAUSSIAN_AUTOGUIDES = (
     AutoMultivariateNormal,
     AutoLowRankMultivariateNormal,
 )
+
+
+def detaches_auxiliary_exactly(guide) -> bool:
+    """Whether :func:`detach_auxiliary_sites` is exact for ``guide``: one of
+    :data:`GAUSSIAN_AUTOGUIDES`, or a guide class that says so itself with the class attribute
+    ``auxiliary_depends_on_params_only = True`` (not inherited: a subclass must say it again)."""
+    return type(guide) in GAUSSIAN_AUTOGUIDES or bool(
+        vars(type(guide)).get("auxiliary_depends_on_params_only", False))
 
 
 def detach_auxiliary_sites(guide_trace):

@@ -25,8 +25,9 @@ import torch
 from pyro.poutine.util import prune_subsample_sites
 
 from pyro_elbo.engine.detach import (
-    GAUSSIAN_AUTOGUIDES,
+    GAUSSIAN_AUTOGUIDES,  # noqa: F401 - re-exported (fit/initial.py imports it from here)
     detach_auxiliary_sites,
+    detaches_auxiliary_exactly,
     graph_leaves,
     log_q_with_constant_params,
     path_derivative_unavailable,
@@ -234,7 +235,7 @@ def _trace_pair(
     guide_trace.compute_score_parts()
     detached = None
     if detach_params:
-        if type(user_guide) in GAUSSIAN_AUTOGUIDES:
+        if detaches_auxiliary_exactly(user_guide):
             shortcut = detach_auxiliary_sites(guide_trace)
             shortcut.compute_log_prob()
             detached = {n: node["log_prob"] for n, node in shortcut.nodes.items()}

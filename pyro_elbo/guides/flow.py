@@ -171,6 +171,12 @@ class AutoRealNVP(AutoContinuous):
     dimensions.
     """
 
+    #: the auxiliary site's distribution (the flow) depends on the parameters alone, never on
+    #: other draws: STL's parameter-held-constant log q is the live draw scored by a detached
+    #: copy of the flow (its inverse pass), with no second guide pass
+    #: (:func:`pyro_elbo.engine.detach.detach_auxiliary_sites`)
+    auxiliary_depends_on_params_only = True
+
     def __init__(self, model, base=None, *, num_layers=None, hidden_dim=None, seed=0,
                  init_loc_fn=init_to_median):
         super().__init__(model, init_loc_fn=init_loc_fn)
