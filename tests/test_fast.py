@@ -12,6 +12,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from logistic_data import X, Y, model  # the shared model
 from pyro.infer import SVI
 from pyro.infer.autoguide import (
     AutoDelta,
@@ -28,17 +29,6 @@ from pyro_elbo.conjugate import LinearRegression
 from pyro_elbo.fast import CompiledLossAndGrads, CompiledStep, compile_step, compiled
 from pyro_elbo.fit import NonFiniteError, compiling, fit
 from pyro_elbo.fit.convergence import RelativeTolerance
-
-GEN = torch.Generator().manual_seed(0)
-X = torch.randn(40, 3, generator=GEN)
-Y = torch.bernoulli(torch.sigmoid(X @ torch.tensor([1.0, -1.0, 0.5])), generator=GEN)
-
-
-def model(X, y):
-    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
-    s = pyro.sample("s", dist.LogNormal(0.0, 0.5))
-    with pyro.plate("data", X.shape[0]):
-        pyro.sample("y", dist.Bernoulli(logits=(X * w).sum(-1) * s), obs=y)
 
 
 def hand_written_guide(X, y):

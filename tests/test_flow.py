@@ -104,25 +104,20 @@ def test_stl_gradient_is_exactly_zero_when_the_flow_is_the_posterior():
     assert grads["reparam"] > 1e-2
 
 
-def test_stl_without_the_second_guide_pass_is_the_replays_gradient(monkeypatch):
+@pytest.mark.parametrize("module_local_params", [False, True])
+def test_stl_without_the_second_guide_pass_is_the_replays_gradient(monkeypatch,
+                                                                    module_local_params):
     """STL on AutoRealNVP scores the live draw with a detached copy of the flow (no second guide
     pass, :func:`~pyro_elbo.engine.detach.detach_auxiliary_sites`); on a constrained model (a
     HalfNormal scale: a Jacobian on the path) and perturbed weights, its loss and gradient are
-    the general replay's (``log_q_with_constant_params``) to float64 rounding."""
+    the general replay's (``log_q_with_constant_params``) to float64 rounding, with the guide's
+    parameters in the param store or module-local."""
     def model():
         scale = pyro.sample("scale", dist.HalfNormal(torch.tensor(1.0, dtype=torch.float64)))
         x = pyro.sample("x", dist.Normal(torch.tensor(0.0, dtype=torch.float64), scale))
         pyro.sample("y", dist.Normal(x, 0.5), obs=torch.tensor(0.3, dtype=torch.float64))
 
-    pyro.clear_param_store()
-    guide = AutoRealNVP(model, base=(torch.zeros(2, dtype=torch.float64),
-                                     torch.eye(2, dtype=torch.float64)))
-    guide()
-    _perturbed(guide, 0.05, seed=2)
-    with torch.no_grad():
-        guide.shift.add_(torch.tensor([0.4, -0.7], dtype=torch.float64))
-
-    def gradient():
+    def gradient(guide):
         for p in guide.parameters():
             p.grad = None
         with forked_rng():
@@ -130,9 +125,17 @@ def test_stl_without_the_second_guide_pass_is_the_replays_gradient(monkeypatch):
             loss = ELBO(16, estimator="stl").loss_and_grads(model, guide)
         return loss, torch.cat([p.grad.reshape(-1) for p in guide.parameters()])
 
-    short_loss, short = gradient()
-    monkeypatch.setattr(AutoRealNVP, "auxiliary_depends_on_params_only", False)
-    replay_loss, replay = gradient()
+    pyro.clear_param_store()
+    with pyro.settings.context(module_local_params=module_local_params):
+        guide = AutoRealNVP(model, base=(torch.zeros(2, dtype=torch.float64),
+                                         torch.eye(2, dtype=torch.float64)))
+        guide()
+        _perturbed(guide, 0.05, seed=2)
+        with torch.no_grad():
+            guide.shift.add_(torch.tensor([0.4, -0.7], dtype=torch.float64))
+        short_loss, short = gradient(guide)
+        monkeypatch.setattr(AutoRealNVP, "auxiliary_depends_on_params_only", False)
+        replay_loss, replay = gradient(guide)
     assert short_loss == pytest.approx(replay_loss, rel=1e-12)
     assert float(replay.abs().max()) > 1e-2  # not a trivially zero gradient
     assert torch.allclose(short, replay, rtol=1e-9, atol=1e-12)

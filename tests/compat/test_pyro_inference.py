@@ -116,8 +116,7 @@ class NormalNormal:
             loc_error = param_mse("loc_q", self.analytic_loc_n)
             log_sig_error = param_mse("log_sig_q", self.analytic_log_sig_n)
 
-        assert_equal(0.0, loc_error, prec=0.05)
-        assert_equal(0.0, log_sig_error, prec=0.05)
+        return loc_error, log_sig_error  # Pyro's test asserts each is within 0.05 of zero
 
 
 @pytest.mark.parametrize("Elbo", ELBOS)
@@ -126,13 +125,17 @@ class NormalNormal:
 )
 def test_normal_normal_elbo(request, Elbo, reparameterized, n_steps):
     default_or_full(request, "reparam" if reparameterized else "nonreparam")
-    NormalNormal().do_elbo_test(reparameterized, n_steps, Elbo())
+    loc_error, log_sig_error = NormalNormal().do_elbo_test(reparameterized, n_steps, Elbo())
+    assert_equal(0.0, loc_error, prec=0.05)
+    assert_equal(0.0, log_sig_error, prec=0.05)
 
 
 @pytest.mark.parametrize("Elbo", MEANFIELD_ELBOS)
 def test_normal_normal_elbo_analytic_kl(request, Elbo):
     default_or_full(request)
-    NormalNormal().do_elbo_test(True, 3000, Elbo())
+    loc_error, log_sig_error = NormalNormal().do_elbo_test(True, 3000, Elbo())
+    assert_equal(0.0, loc_error, prec=0.05)
+    assert_equal(0.0, log_sig_error, prec=0.05)
 
 
 # ---------------------------------------------------------------------------- TestFixedModelGuide
@@ -328,8 +331,7 @@ def do_bernoulli_beta_test(reparameterized, n_steps, loss):
 
     alpha_error = param_abs_error("alpha_q_log", log_alpha_n)
     beta_error = param_abs_error("beta_q_log", log_beta_n)
-    assert_equal(0.0, alpha_error, prec=0.08)
-    assert_equal(0.0, beta_error, prec=0.08)
+    return alpha_error, beta_error  # Pyro's test asserts each is within 0.08 of zero
 
 
 @pytest.mark.parametrize("Elbo", ELBOS)
@@ -338,7 +340,9 @@ def do_bernoulli_beta_test(reparameterized, n_steps, loss):
 )
 def test_bernoulli_beta_elbo(request, Elbo, reparameterized, n_steps):
     default_or_full(request, "reparam" if reparameterized else "nonreparam")
-    do_bernoulli_beta_test(reparameterized, n_steps, Elbo())
+    alpha_error, beta_error = do_bernoulli_beta_test(reparameterized, n_steps, Elbo())
+    assert_equal(0.0, alpha_error, prec=0.08)
+    assert_equal(0.0, beta_error, prec=0.08)
 
 
 # this is used to detect bugs related to https://github.com/pytorch/pytorch/issues/9521
@@ -347,7 +351,9 @@ def test_bernoulli_beta_elbo(request, Elbo, reparameterized, n_steps):
 def test_bernoulli_beta_elbo_vectorized(request, Elbo, reparameterized):
     default_or_full(request, "reparam" if reparameterized else "nonreparam")
     loss = Elbo(num_particles=2, vectorize_particles=True, max_plate_nesting=1)
-    do_bernoulli_beta_test(reparameterized, 5000, loss)
+    alpha_error, beta_error = do_bernoulli_beta_test(reparameterized, 5000, loss)
+    assert_equal(0.0, alpha_error, prec=0.08)
+    assert_equal(0.0, beta_error, prec=0.08)
 
 
 # ------------------------------------------------------------------------------------ SafetyTests
